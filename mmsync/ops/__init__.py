@@ -1,0 +1,3 @@
+from .sync_bn import SyncBatchNorm, SyncBatchNormFunction
+
+__all__ = ['SyncBatchNorm', 'SyncBatchNormFunction']

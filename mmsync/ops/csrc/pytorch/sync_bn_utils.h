@@ -1,0 +1,103 @@
+// Argument checks and memory-layout detection shared by the backends of the
+// sync_bn ops. A tensor is either PLANAR (contiguous N, C, S...) or ROWS
+// (channels last: N*S rows of C contiguous channels; also 2D inputs).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace mmsync {
+
+enum class Layout { kPlanar, kRows };
+
+// Sizes of the input seen as N x C x S, and which layout its memory has.
+struct Geometry {
+  int64_t N, C, S;
+  Layout layout;
+  int64_t rows() const { return N * S; }
+  int64_t numel() const { return N * C * S; }
+};
+
+inline bool is_rows_layout(const at::Tensor& t) {
+  return t.movedim(1, -1).is_contiguous();
+}
+
+// The layout the kernels will read `input` in; other strides are made
+// contiguous once (the Python layer already does so, this is a safe net).
+inline at::Tensor as_kernel_layout(const at::Tensor& input, Layout* layout) {
+  TORCH_CHECK(input.dim() >= 2, "sync_bn: expected input with 2 or more ",
+              "dimensions (N, C, *), got ", input.dim(), "D");
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) spatial *= input.size(d);
+  if (spatial > 1 && input.is_contiguous()) {
+    *layout = Layout::kPlanar;
+    return input;
+  }
+  if (is_rows_layout(input)) {
+    *layout = Layout::kRows;
+    return input;
+  }
+  *layout = Layout::kPlanar;
+  return input.contiguous();
+}
+
+inline Geometry geometry_of(const at::Tensor& input, Layout layout) {
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) spatial *= input.size(d);
+  return Geometry{input.size(0), input.size(1), spatial, layout};
+}
+
+// `t` (same sizes as the input) in the given layout, copied only if needed.
+inline at::Tensor to_layout(const at::Tensor& t, Layout layout) {
+  if (layout == Layout::kPlanar) return t.contiguous();
+  if (is_rows_layout(t)) return t;
+  return t.movedim(1, -1).contiguous().movedim(-1, 1);
+}
+
+// An uninitialized tensor like `input` with the same (dense) strides.
+inline at::Tensor empty_same_layout(const at::Tensor& input) {
+  return at::empty_strided(input.sizes(), input.strides(), input.options());
+}
+
+inline void check_input(const at::Tensor& input) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "sync_bn: expected a floating point input (float32, float64, "
+              "float16 or bfloat16), got ",
+              input.scalar_type());
+  TORCH_CHECK(input.dim() >= 2, "sync_bn: expected input with 2 or more ",
+              "dimensions (N, C, *), got ", input.dim(), "D");
+}
+
+// Checks a per-channel tensor and returns it as a contiguous `dtype` vector.
+inline at::Tensor channel_vector(const at::Tensor& t, const char* name,
+                                 const at::Tensor& input,
+                                 at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), "sync_bn: ", name,
+              " must have shape (C,) = (", input.size(1), ",), got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == input.device(), "sync_bn: ", name,
+              " is on ", t.device(), " but input is on ", input.device());
+  return t.to(dtype).contiguous();
+}
+
+// Per-channel weight (ones when absent) and bias (zeros when absent).
+inline at::Tensor weight_or_ones(const c10::optional<at::Tensor>& weight,
+                                 const at::Tensor& input,
+                                 at::ScalarType dtype) {
+  if (weight.has_value() && weight->defined())
+    return channel_vector(*weight, "weight", input, dtype);
+  return at::ones({input.size(1)}, input.options().dtype(dtype));
+}
+
+inline at::Tensor bias_or_zeros(const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& input,
+                                at::ScalarType dtype) {
+  if (bias.has_value() && bias->defined())
+    return channel_vector(*bias, "bias", input, dtype);
+  return at::zeros({input.size(1)}, input.options().dtype(dtype));
+}
+
+inline at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace mmsync

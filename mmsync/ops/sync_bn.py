@@ -1,0 +1,249 @@
+"""Synchronized batch normalization: ``SyncBatchNorm``, registered 'MMSyncBN'.
+
+A training step runs five compiled ops (``torch.ops.mmsync.*``) and exactly
+two collectives, both here, both on O(C) buffers:
+
+forward:  stats (one pass) -> all_reduce (float64, 2C+2) -> finalize (O(C))
+          -> output (one pass, affine and optional ReLU fused)
+backward: reduce (one pass: sum(dy), sum(dy*xhat)) -> all_reduce (2C)
+          -> data (one pass, recomputes xhat from the saved input)
+
+Nothing of input size is saved for backward besides the input itself.
+"""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..registry import NORM_LAYERS
+from ..utils import load_ext
+
+ext_module = load_ext('_ext', [
+    'sync_bn_forward_stats', 'sync_bn_forward_finalize',
+    'sync_bn_forward_output', 'sync_bn_backward_reduce',
+    'sync_bn_backward_data'
+])
+
+STATS_MODES = ('default', 'N')
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_fake_kernels():
+    """Shape-only kernels so that torch.compile / FakeTensor can trace."""
+
+    @torch.library.register_fake('mmsync::sync_bn_forward_stats')
+    def _(input, weight_by_count):
+        return input.new_empty((2 * input.size(1) + 2, ),
+                               dtype=torch.float64)
+
+    @torch.library.register_fake('mmsync::sync_bn_forward_finalize')
+    def _(stats, running_mean, running_var, num_batches_tracked, momentum,
+          eps, count, weight_by_count, dtype):
+        channels = (stats.size(0) - 2) // 2
+        return (stats.new_empty((channels, ), dtype=dtype),
+                stats.new_empty((channels, ), dtype=dtype),
+                stats.new_empty((1, ), dtype=dtype))
+
+    @torch.library.register_fake('mmsync::sync_bn_forward_output')
+    def _(input, mean, invstd, weight, bias, relu):
+        return _empty_in_kernel_layout(input)
+
+    @torch.library.register_fake('mmsync::sync_bn_backward_reduce')
+    def _(grad_output, input, mean, invstd, weight, bias, relu):
+        return input.new_empty((2 * input.size(1), ),
+                               dtype=_acc_dtype(input.dtype))
+
+    @torch.library.register_fake('mmsync::sync_bn_backward_data')
+    def _(grad_output, input, mean, invstd, weight, bias, sums, scale, relu):
+        return _empty_in_kernel_layout(input)
+
+
+def _dense_layout(x: torch.Tensor) -> bool:
+    """Whether the kernels read ``x`` as it is (contiguous or channels last)."""
+    return x.is_contiguous() or x.movedim(1, -1).is_contiguous()
+
+
+def _empty_in_kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor with the strides the kernels give their outputs."""
+    if _dense_layout(x):
+        return torch.empty_strided(
+            x.size(), x.stride(), dtype=x.dtype, device=x.device)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_register_fake_kernels()
+
+
+def _all_reduce(tensor: torch.Tensor, group) -> None:
+    """The one place where mmsync communicates: a sum over the group."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Autograd of synchronized BN: one collective each way.
+
+    ``grad_weight`` and ``grad_bias`` follow mmcv's convention: the group's
+    sum divided by the group size, identical on every rank, so that the
+    gradient averaging of DistributedDataParallel leaves them unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor],
+                running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor],
+                num_batches_tracked: Optional[torch.Tensor],
+                momentum: Optional[float], eps: float, group,
+                group_size: int, stats_mode: str,
+                relu: bool) -> torch.Tensor:
+        if not _dense_layout(input):
+            input = input.contiguous()
+        by_count = stats_mode == 'N'
+        count = input.numel() // input.size(1) if input.size(1) else 0
+        stats = ext_module.sync_bn_forward_stats(input, by_count)
+        if group_size > 1:
+            _all_reduce(stats, group)
+        # Only a rank holding at most one value can be in a group holding
+        # exactly one; reading the count back is then cheap and rare.
+        if count <= 1 and int(stats[1].item()) == 1:
+            raise ValueError('Expected more than 1 value per channel when '
+                             'training, got input size '
+                             f'{tuple(input.shape)} on this rank and 1 value '
+                             f'per channel in the whole group of '
+                             f'{group_size}')
+        mean, invstd, scale = ext_module.sync_bn_forward_finalize(
+            stats, running_mean, running_var, num_batches_tracked, momentum,
+            eps, count, by_count, _acc_dtype(input.dtype))
+        output = ext_module.sync_bn_forward_output(input, mean, invstd,
+                                                   weight, bias, relu)
+        ctx.save_for_backward(input, weight, bias, mean, invstd, scale)
+        ctx.group = group
+        ctx.group_size = group_size
+        ctx.relu = relu
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        input, weight, bias, mean, invstd, scale = ctx.saved_tensors
+        channels = input.size(1)
+        sums = ext_module.sync_bn_backward_reduce(grad_output, input, mean,
+                                                  invstd, weight, bias,
+                                                  ctx.relu)
+        if ctx.group_size > 1:
+            _all_reduce(sums, ctx.group)
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = ext_module.sync_bn_backward_data(
+                grad_output, input, mean, invstd, weight, bias, sums, scale,
+                ctx.relu)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (sums[channels:] / ctx.group_size).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = (sums[:channels] / ctx.group_size).to(bias.dtype)
+        return (grad_input, grad_weight, grad_bias, None, None, None, None,
+                None, None, None, None, None)
+
+
+@NORM_LAYERS.register_module(name='MMSyncBN')
+class SyncBatchNorm(_BatchNorm):
+    """Synchronized batch normalization, exact for any split of the batch.
+
+    A drop-in for mmcv's ``MMSyncBN``: same constructor and statistics
+    modes, and the state_dict keys of ``nn.BatchNorm2d``. Unlike mmcv's it
+    subclasses ``_BatchNorm`` (so ``norm_eval`` and ``norm_decay_mult`` see
+    it), runs without an initialized process group (a world of one), and
+    with ``stats_mode='N'`` equals ``F.batch_norm`` over the concatenated
+    global batch in forward and backward for any per-rank batch sizes.
+
+    Args:
+        num_features (int): Number of channels C of an (N, C, *) input.
+        eps (float): Added to the variance. Default: 1e-5.
+        momentum (float, optional): Running-stat factor; ``None`` for a
+            cumulative average. Default: 0.1.
+        affine (bool): Learn a per-channel weight and bias. Default: True.
+        track_running_stats (bool): Keep running mean and variance; without
+            them batch statistics are synchronized in eval too.
+            Default: True.
+        group (ProcessGroup, optional): Ranks to synchronize; ``None`` is
+            the default group, or a world of one when torch.distributed is
+            not initialized. Default: None.
+        stats_mode (str): ``'default'``: every non-empty rank's statistics
+            weigh equally (mmcv's rule); ``'N'``: weighted by sample count,
+            the exact statistics of the global batch. Both agree when all
+            ranks hold the same number of samples. Default: 'default'.
+        act (str, optional): ``'relu'`` fuses a ReLU into the output and
+            its gradient into the backward passes. Default: None.
+    """
+
+    def __init__(self,
+                 num_features: int,
+                 eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1,
+                 affine: bool = True,
+                 track_running_stats: bool = True,
+                 group=None,
+                 stats_mode: str = 'default',
+                 act: Optional[str] = None):
+        if stats_mode not in STATS_MODES:
+            raise ValueError(f'stats_mode must be one of {STATS_MODES}, got '
+                             f'{stats_mode!r}')
+        if act not in (None, 'relu'):
+            raise ValueError(f"act must be None or 'relu', got {act!r}")
+        super().__init__(num_features, eps, momentum, affine,
+                         track_running_stats)
+        self.group = group
+        self.stats_mode = stats_mode
+        self.act = act
+
+    @property
+    def group_size(self) -> int:
+        """Ranks in the synchronized group (1 without torch.distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.group)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError('MMSyncBN expects an input of shape (N, C, *) '
+                             f'with at least 2 dimensions, got '
+                             f'{input.dim()}D input of shape '
+                             f'{tuple(input.shape)}')
+        if input.size(1) != self.num_features:
+            raise ValueError(f'MMSyncBN was built for num_features='
+                             f'{self.num_features} channels, got input of '
+                             f'shape {tuple(input.shape)} with '
+                             f'{input.size(1)} channels (dim 1)')
+        if not input.dtype.is_floating_point:
+            raise TypeError('MMSyncBN expects a float32, float64, float16 or '
+                            f'bfloat16 input, got {input.dtype}')
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        if not self.training and self.running_mean is not None:
+            output = F.batch_norm(input, self.running_mean, self.running_var,
+                                  self.weight, self.bias, False, 0.0,
+                                  self.eps)
+            return F.relu(output) if self.act == 'relu' else output
+        tracking = self.training and self.track_running_stats
+        group = self.group if self.group_size > 1 else None
+        return SyncBatchNormFunction.apply(
+            input, self.weight, self.bias,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            self.num_batches_tracked if tracking else None, self.momentum,
+            self.eps, group, self.group_size, self.stats_mode,
+            self.act == 'relu')
+
+    def extra_repr(self) -> str:
+        return (f'{super().extra_repr()}, group_size={self.group_size}, '
+                f'stats_mode={self.stats_mode!r}' +
+                (f', act={self.act!r}' if self.act else ''))

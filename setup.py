@@ -1,0 +1,101 @@
+"""Builds mmsync and its one compiled module, ``mmsync._ext``.
+
+Environment: ``FORCE_CUDA=1`` builds the CUDA sources even where no GPU is
+visible, ``MAX_JOBS`` bounds parallel compilation (ninja), ``DEBUG=1`` builds
+without optimization and with debug symbols.
+"""
+import glob
+import os
+import os.path as osp
+
+from setuptools import find_packages, setup
+
+FORCE_CUDA = os.getenv('FORCE_CUDA', '0') == '1'
+DEBUG = os.getenv('DEBUG', '0') == '1'
+
+CSRC = osp.join('mmsync', 'ops', 'csrc')
+
+
+def get_version():
+    """Reads ``__version__`` from mmsync/version.py without importing it."""
+    scope = {}
+    with open(osp.join('mmsync', 'version.py'), encoding='utf-8') as f:
+        exec(compile(f.read(), 'mmsync/version.py', 'exec'), scope)
+    return scope['__version__']
+
+
+def parse_requirements(fname):
+    """Requirement lines of ``fname``, following ``-r`` includes."""
+    reqs = []
+    with open(fname, encoding='utf-8') as f:
+        for line in f:
+            line = line.split('#')[0].strip()
+            if line.startswith('-r '):
+                reqs += parse_requirements(
+                    osp.join(osp.dirname(fname), line[3:].strip()))
+            elif line:
+                reqs.append(line)
+    return reqs
+
+
+def get_extensions():
+    """The ``mmsync._ext`` extension: C++ sources, plus CUDA where possible."""
+    from torch.utils.cpp_extension import (CUDA_HOME, CppExtension,
+                                           CUDAExtension)
+    import torch
+
+    sources = glob.glob(osp.join(CSRC, 'pytorch', '*.cpp')) + glob.glob(
+        osp.join(CSRC, 'pytorch', 'cpu', '*.cpp'))
+    opt = ['-O0', '-g'] if DEBUG else ['-O3', '-g0']
+    cxx_args = opt + ['-std=c++20']
+    include_dirs = [osp.abspath(osp.join(CSRC, 'common'))]
+    use_cuda = FORCE_CUDA or (torch.cuda.is_available()
+                              and CUDA_HOME is not None)
+    if use_cuda:
+        sources += glob.glob(osp.join(CSRC, 'pytorch', 'cuda', '*.cu'))
+        nvcc_args = opt[:1] + [
+            '-std=c++20', '--expt-relaxed-constexpr', '-lineinfo'
+        ]
+        return [
+            CUDAExtension(
+                'mmsync._ext',
+                sorted(sources),
+                include_dirs=include_dirs,
+                define_macros=[('MMSYNC_WITH_CUDA', None)],
+                extra_compile_args={
+                    'cxx': cxx_args,
+                    'nvcc': nvcc_args
+                })
+        ]
+    return [
+        CppExtension(
+            'mmsync._ext',
+            sorted(sources),
+            include_dirs=include_dirs,
+            extra_compile_args={'cxx': cxx_args})
+    ]
+
+
+if __name__ == '__main__':
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        name='mmsync',
+        version=get_version(),
+        description='Exact synchronized BatchNorm (MMSyncBN) for OpenMMLab '
+        'style training, with C++ and CUDA kernels',
+        long_description=open('README.md', encoding='utf-8').read(),
+        long_description_content_type='text/markdown',
+        license='Apache License 2.0',
+        packages=find_packages(exclude=('configs', 'tools', 'tests')),
+        include_package_data=True,
+        package_data={'mmsync': ['datasets/*.npz', 'ops/csrc/**/*']},
+        python_requires='>=3.8',
+        install_requires=parse_requirements('requirements/runtime.txt'),
+        extras_require={
+            'tests': parse_requirements('requirements/tests.txt'),
+            'build': parse_requirements('requirements/build.txt'),
+        },
+        ext_modules=get_extensions(),
+        cmdclass={'build_ext': BuildExtension.with_options(use_ninja=True)},
+        zip_safe=False)
