@@ -117,9 +117,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
                              f'{tuple(input.shape)} on this rank and 1 value '
                              f'per channel in the whole group of '
                              f'{group_size}')
+        # mean and invstd stay float64 (O(C)): the kernels split the mean
+        # into hi + lo parts so that x - mean is exact when mean >> std.
         mean, invstd, scale = ext_module.sync_bn_forward_finalize(
             stats, running_mean, running_var, num_batches_tracked, momentum,
-            eps, count, by_count, _acc_dtype(input.dtype))
+            eps, count, by_count, torch.float64)
         output = ext_module.sync_bn_forward_output(input, mean, invstd,
                                                    weight, bias, relu)
         ctx.save_for_backward(input, weight, bias, mean, invstd, scale)

@@ -249,250 +249,281 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cpu(
   return {mean.to(dtype), invstd.to(dtype), scale.to(dtype)};
 }
 
-// Per-channel constants of the elementwise passes, in the accumulate type.
+// Per-channel constants of the passes after the statistics. The mean is
+// split into hi + lo parts of the accumulate type, so x - mean keeps full
+// precision when the mean is large against the spread (mean >> std).
 template <typename acc_t>
-struct ChannelConsts {
-  std::vector<acc_t> a, b, c, d;
-  explicit ChannelConsts(int64_t C) : a(C), b(C), c(C), d(C) {}
+struct ChannelParams {
+  std::vector<acc_t> mean_hi, mean_lo, scale, bias;
+  std::vector<double> invstd;
+  ChannelParams(const Tensor& input, const Tensor& mean,
+                const Tensor& invstd_, const c10::optional<Tensor>& weight,
+                const c10::optional<Tensor>& bias_) {
+    const int64_t C = input.size(1);
+    const Tensor m = channel_vector(mean, "mean", input, at::kDouble);
+    const Tensor is = channel_vector(invstd_, "invstd", input, at::kDouble);
+    const Tensor w = weight_or_ones(weight, input, at::kDouble);
+    const Tensor b = bias_or_zeros(bias_, input, at::kDouble);
+    const double *pm = m.const_data_ptr<double>(),
+                 *pi = is.const_data_ptr<double>(),
+                 *pw = w.const_data_ptr<double>(),
+                 *pb = b.const_data_ptr<double>();
+    mean_hi.resize(C);
+    mean_lo.resize(C);
+    scale.resize(C);
+    bias.resize(C);
+    invstd.assign(pi, pi + C);
+    for (int64_t c = 0; c < C; ++c) {
+      mean_hi[c] = acc_t(pm[c]);
+      mean_lo[c] = acc_t(pm[c] - double(mean_hi[c]));
+      scale[c] = acc_t(pi[c] * pw[c]);
+      bias[c] = acc_t(pb[c]);
+    }
+  }
 };
 
+// Grain of the elementwise passes: about 32K elements per task.
+inline int64_t elementwise_grain(int64_t inner) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, inner));
+}
+
 template <typename scalar_t, typename acc_t>
-inline void output_span(const scalar_t* x, scalar_t* y, int64_t n, acc_t m,
-                        acc_t k, acc_t b, bool relu) {
+inline void output_span(const scalar_t* x, scalar_t* y, int64_t n, acc_t hi,
+                        acc_t lo, acc_t k, acc_t b, bool relu) {
   if (relu) {
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t v = (acc_t(x[i]) - m) * k + b;
+      const acc_t v = ((acc_t(x[i]) - hi) - lo) * k + b;
       y[i] = scalar_t(v > acc_t(0) ? v : acc_t(0));
     }
   } else {
-    for (int64_t i = 0; i < n; ++i) y[i] = scalar_t((acc_t(x[i]) - m) * k + b);
+    for (int64_t i = 0; i < n; ++i)
+      y[i] = scalar_t(((acc_t(x[i]) - hi) - lo) * k + b);
   }
 }
 
-Tensor forward_output_cpu(const Tensor& input_, const Tensor& mean_,
-                          const Tensor& invstd_,
-                          const c10::optional<Tensor>& weight_,
-                          const c10::optional<Tensor>& bias_, bool relu) {
+Tensor forward_output_cpu(const Tensor& input_, const Tensor& mean,
+                          const Tensor& invstd,
+                          const c10::optional<Tensor>& weight,
+                          const c10::optional<Tensor>& bias, bool relu) {
   check_input(input_);
   Layout layout;
   const Tensor input = as_kernel_layout(input_, &layout);
   const Geometry g = geometry_of(input, layout);
-  const auto acc = acc_type_of(input.scalar_type());
-  const Tensor mean = channel_vector(mean_, "mean", input, acc);
-  const Tensor invstd = channel_vector(invstd_, "invstd", input, acc);
-  const Tensor weight = weight_or_ones(weight_, input, acc);
-  const Tensor bias = bias_or_zeros(bias_, input, acc);
   Tensor output = empty_same_layout(input);
-  if (g.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_output_cpu",
       [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const ChannelParams<acc_t> cp(input, mean, invstd, weight, bias);
+        if (g.numel() == 0) return;
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         scalar_t* y = output.data_ptr<scalar_t>();
-        const acc_t* pm = mean.const_data_ptr<acc_t>();
-        const acc_t* pb = bias.const_data_ptr<acc_t>();
-        std::vector<acc_t> k(g.C);
-        for (int64_t c = 0; c < g.C; ++c)
-          k[c] = invstd.const_data_ptr<acc_t>()[c] *
-                 weight.const_data_ptr<acc_t>()[c];
+        const acc_t *hi = cp.mean_hi.data(), *lo = cp.mean_lo.data(),
+                    *k = cp.scale.data(), *b = cp.bias.data();
         if (layout == Layout::kPlanar) {
-          const int64_t grain = std::max<int64_t>(1, 32768 / g.S);
-          at::parallel_for(0, g.N * g.C, grain, [&](int64_t b, int64_t e) {
-            for (int64_t p = b; p < e; ++p) {
-              const int64_t c = p % g.C;
-              output_span(x + p * g.S, y + p * g.S, g.S, pm[c], k[c], pb[c],
-                          relu);
-            }
-          });
-        } else {
-          const int64_t C = g.C;
-          const int64_t grain = std::max<int64_t>(1, 32768 / C);
-          at::parallel_for(0, g.rows(), grain, [&](int64_t b, int64_t e) {
-            for (int64_t r = b; r < e; ++r) {
-              const scalar_t* xr = x + r * C;
-              scalar_t* yr = y + r * C;
-              if (relu) {
-                for (int64_t c = 0; c < C; ++c) {
-                  const acc_t v = (acc_t(xr[c]) - pm[c]) * k[c] + pb[c];
-                  yr[c] = scalar_t(v > acc_t(0) ? v : acc_t(0));
-                }
-              } else {
-                for (int64_t c = 0; c < C; ++c)
-                  yr[c] = scalar_t((acc_t(xr[c]) - pm[c]) * k[c] + pb[c]);
-              }
-            }
-          });
+          at::parallel_for(0, g.N * g.C, elementwise_grain(g.S),
+                           [&](int64_t begin, int64_t end) {
+                             for (int64_t p = begin; p < end; ++p) {
+                               const int64_t c = p % g.C;
+                               output_span(x + p * g.S, y + p * g.S, g.S,
+                                           hi[c], lo[c], k[c], b[c], relu);
+                             }
+                           });
+          return;
         }
+        const int64_t C = g.C;
+        at::parallel_for(
+            0, g.rows(), elementwise_grain(C), [&](int64_t begin, int64_t end) {
+              for (int64_t r = begin; r < end; ++r) {
+                const scalar_t* xr = x + r * C;
+                scalar_t* yr = y + r * C;
+                if (relu) {
+                  for (int64_t c = 0; c < C; ++c) {
+                    const acc_t v = ((acc_t(xr[c]) - hi[c]) - lo[c]) * k[c] +
+                                    b[c];
+                    yr[c] = scalar_t(v > acc_t(0) ? v : acc_t(0));
+                  }
+                } else {
+                  for (int64_t c = 0; c < C; ++c)
+                    yr[c] = scalar_t(((acc_t(xr[c]) - hi[c]) - lo[c]) * k[c] +
+                                     b[c]);
+                }
+              }
+            });
       });
   return output;
 }
 
-// sum(dy) and sum(dy * (x - m)) over a span; with relu, dy counts only where
-// the forward output (x - m) * k + b was positive.
+// sum(dy) and sum(dy * (x - mean)) over a span; with relu, dy counts only
+// where the forward output (x - mean) * k + b was positive.
 template <typename scalar_t, typename acc_t>
 inline void grad_span_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
-                           acc_t m, acc_t k, acc_t b, bool relu, double& sdy,
-                           double& sdyx) {
+                           acc_t hi, acc_t lo, acc_t k, acc_t b, bool relu,
+                           double& sdy, double& sdyx) {
   acc_t a1[kLanes] = {}, a2[kLanes] = {};
   int64_t i = 0;
   if (relu) {
     for (; i + kLanes <= n; i += kLanes)
       for (int j = 0; j < kLanes; ++j) {
-        const acc_t xm = acc_t(x[i + j]) - m;
-        const acc_t g = xm * k + b > acc_t(0) ? acc_t(dy[i + j]) : acc_t(0);
-        a1[j] += g;
-        a2[j] += g * xm;
+        const acc_t xm = (acc_t(x[i + j]) - hi) - lo;
+        const acc_t gv = xm * k + b > acc_t(0) ? acc_t(dy[i + j]) : acc_t(0);
+        a1[j] += gv;
+        a2[j] += gv * xm;
       }
   } else {
     for (; i + kLanes <= n; i += kLanes)
       for (int j = 0; j < kLanes; ++j) {
-        const acc_t g = acc_t(dy[i + j]);
-        a1[j] += g;
-        a2[j] += g * (acc_t(x[i + j]) - m);
+        const acc_t gv = acc_t(dy[i + j]);
+        a1[j] += gv;
+        a2[j] += gv * ((acc_t(x[i + j]) - hi) - lo);
       }
   }
   acc_t t1 = reduce_lanes(a1), t2 = reduce_lanes(a2);
   for (; i < n; ++i) {
-    const acc_t xm = acc_t(x[i]) - m;
-    const acc_t g = (!relu || xm * k + b > acc_t(0)) ? acc_t(dy[i]) : acc_t(0);
-    t1 += g;
-    t2 += g * xm;
+    const acc_t xm = (acc_t(x[i]) - hi) - lo;
+    const acc_t gv =
+        (!relu || xm * k + b > acc_t(0)) ? acc_t(dy[i]) : acc_t(0);
+    t1 += gv;
+    t2 += gv * xm;
   }
   sdy = t1;
   sdyx = t2;
 }
 
+// grad_output in the input's layout, after checking that the two match.
+Tensor grad_in_layout(const Tensor& grad_output, const Tensor& input,
+                      Layout layout, const char* op) {
+  TORCH_CHECK(grad_output.sizes() == input.sizes() &&
+                  grad_output.scalar_type() == input.scalar_type() &&
+                  grad_output.device() == input.device(),
+              op, ": grad_output must match input in shape, dtype and device, "
+              "got ", grad_output.sizes(), " ", grad_output.scalar_type(),
+              " vs ", input.sizes(), " ", input.scalar_type());
+  return to_layout(grad_output, layout);
+}
+
+template <typename scalar_t>
+void reduce_planar(const scalar_t* dy, const scalar_t* x, const Geometry& g,
+                   const ChannelParams<at::opmath_type<scalar_t>>& cp,
+                   bool relu, double* sdy, double* sdyx) {
+  const int64_t C = g.C, K = (g.S + kChunk - 1) / kChunk;
+  const int64_t tasks = g.N * C * K;
+  std::vector<double> p1(tasks), p2(tasks);
+  at::parallel_for(0, tasks, elementwise_grain(std::min(g.S, kChunk)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t t = begin; t < end; ++t) {
+                       const int64_t plane = t / K, kk = t % K, c = plane % C;
+                       const int64_t off = plane * g.S + kk * kChunk;
+                       const int64_t len = std::min(kChunk, g.S - kk * kChunk);
+                       grad_span_sums(dy + off, x + off, len, cp.mean_hi[c],
+                                      cp.mean_lo[c], cp.scale[c], cp.bias[c],
+                                      relu, p1[t], p2[t]);
+                     }
+                   });
+  for (int64_t i = 0; i < g.N; ++i)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const int64_t t = (i * C + c) * K + kk;
+        sdy[c] += p1[t];
+        sdyx[c] += p2[t];
+      }
+}
+
+template <typename scalar_t>
+void reduce_rows(const scalar_t* dy, const scalar_t* x, const Geometry& g,
+                 const ChannelParams<at::opmath_type<scalar_t>>& cp, bool relu,
+                 double* sdy, double* sdyx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowPlan plan(g);
+  const int64_t C = g.C, M = g.rows();
+  std::vector<double> g1(plan.groups * C, 0.0), g2(plan.groups * C, 0.0);
+  const acc_t *hi = cp.mean_hi.data(), *lo = cp.mean_lo.data(),
+              *k = cp.scale.data(), *b = cp.bias.data();
+  at::parallel_for(0, plan.groups * plan.tiles, 1, [&](int64_t bg, int64_t e) {
+    std::vector<acc_t> a1(plan.tile), a2(plan.tile);
+    for (int64_t task = bg; task < e; ++task) {
+      const int64_t grp = task / plan.tiles;
+      const int64_t c0 = (task % plan.tiles) * plan.tile;
+      const int64_t ct = std::min(plan.tile, C - c0);
+      for (int64_t blk = plan.group_begin(grp); blk < plan.group_begin(grp + 1);
+           ++blk) {
+        const int64_t r0 = plan.row_begin(blk);
+        const int64_t r1 = std::min(M, r0 + plan.block_rows);
+        std::fill(a1.begin(), a1.end(), acc_t(0));
+        std::fill(a2.begin(), a2.end(), acc_t(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* xr = x + r * C + c0;
+          const scalar_t* dr = dy + r * C + c0;
+          for (int64_t j = 0; j < ct; ++j) {
+            const int64_t c = c0 + j;
+            const acc_t xm = (acc_t(xr[j]) - hi[c]) - lo[c];
+            const acc_t gv = (!relu || xm * k[c] + b[c] > acc_t(0))
+                                 ? acc_t(dr[j])
+                                 : acc_t(0);
+            a1[j] += gv;
+            a2[j] += gv * xm;
+          }
+        }
+        for (int64_t j = 0; j < ct; ++j) {
+          g1[grp * C + c0 + j] += a1[j];
+          g2[grp * C + c0 + j] += a2[j];
+        }
+      }
+    }
+  });
+  for (int64_t grp = 0; grp < plan.groups; ++grp)
+    for (int64_t c = 0; c < C; ++c) {
+      sdy[c] += g1[grp * C + c];
+      sdyx[c] += g2[grp * C + c];
+    }
+}
+
 Tensor backward_reduce_cpu(const Tensor& grad_output_, const Tensor& input_,
-                           const Tensor& mean_, const Tensor& invstd_,
-                           const c10::optional<Tensor>& weight_,
-                           const c10::optional<Tensor>& bias_, bool relu) {
+                           const Tensor& mean, const Tensor& invstd,
+                           const c10::optional<Tensor>& weight,
+                           const c10::optional<Tensor>& bias, bool relu) {
   check_input(input_);
   Layout layout;
   const Tensor input = as_kernel_layout(input_, &layout);
-  TORCH_CHECK(grad_output_.sizes() == input.sizes() &&
-                  grad_output_.scalar_type() == input.scalar_type(),
-              "sync_bn_backward_reduce: grad_output must match input in shape "
-              "and dtype, got ",
-              grad_output_.sizes(), " ", grad_output_.scalar_type(), " vs ",
-              input.sizes(), " ", input.scalar_type());
-  const Tensor grad_output = to_layout(grad_output_, layout);
+  const Tensor grad_output =
+      grad_in_layout(grad_output_, input, layout, "sync_bn_backward_reduce");
   const Geometry g = geometry_of(input, layout);
-  const auto acc = acc_type_of(input.scalar_type());
-  const Tensor mean = channel_vector(mean_, "mean", input, acc);
-  const Tensor invstd = channel_vector(invstd_, "invstd", input, acc);
-  const Tensor weight = weight_or_ones(weight_, input, acc);
-  const Tensor bias = bias_or_zeros(bias_, input, acc);
   const int64_t C = g.C;
-  std::vector<double> sdy(C, 0.0), sdyx(C, 0.0);
-  if (g.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_reduce_cpu",
-        [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const scalar_t* x = input.const_data_ptr<scalar_t>();
-          const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
-          const acc_t* pm = mean.const_data_ptr<acc_t>();
-          const acc_t* pb = bias.const_data_ptr<acc_t>();
-          std::vector<acc_t> k(C);
-          for (int64_t c = 0; c < C; ++c)
-            k[c] = invstd.const_data_ptr<acc_t>()[c] *
-                   weight.const_data_ptr<acc_t>()[c];
-          if (layout == Layout::kPlanar) {
-            const int64_t K = (g.S + kChunk - 1) / kChunk;
-            const int64_t tasks = g.N * C * K;
-            std::vector<double> p1(tasks), p2(tasks);
-            const int64_t grain =
-                std::max<int64_t>(1, 32768 / std::min(g.S, kChunk));
-            at::parallel_for(0, tasks, grain, [&](int64_t b, int64_t e) {
-              for (int64_t t = b; t < e; ++t) {
-                const int64_t plane = t / K, kk = t % K, c = plane % C;
-                const int64_t off = plane * g.S + kk * kChunk;
-                const int64_t len = std::min(kChunk, g.S - kk * kChunk);
-                grad_span_sums(dy + off, x + off, len, pm[c], k[c], pb[c],
-                               relu, p1[t], p2[t]);
-              }
-            });
-            for (int64_t i = 0; i < g.N; ++i)
-              for (int64_t c = 0; c < C; ++c)
-                for (int64_t kk = 0; kk < K; ++kk) {
-                  const int64_t t = (i * C + c) * K + kk;
-                  sdy[c] += p1[t];
-                  sdyx[c] += p2[t];
-                }
-          } else {
-            const RowPlan plan(g);
-            const int64_t M = g.rows();
-            std::vector<double> g1(plan.groups * C, 0.0),
-                g2(plan.groups * C, 0.0);
-            at::parallel_for(
-                0, plan.groups * plan.tiles, 1, [&](int64_t b, int64_t e) {
-                  std::vector<acc_t> a1(plan.tile), a2(plan.tile);
-                  for (int64_t task = b; task < e; ++task) {
-                    const int64_t grp = task / plan.tiles;
-                    const int64_t c0 = (task % plan.tiles) * plan.tile;
-                    const int64_t ct = std::min(plan.tile, C - c0);
-                    for (int64_t blk = plan.group_begin(grp);
-                         blk < plan.group_begin(grp + 1); ++blk) {
-                      const int64_t r0 = plan.row_begin(blk);
-                      const int64_t r1 = std::min(M, r0 + plan.block_rows);
-                      std::fill(a1.begin(), a1.end(), acc_t(0));
-                      std::fill(a2.begin(), a2.end(), acc_t(0));
-                      for (int64_t r = r0; r < r1; ++r) {
-                        const scalar_t* xr = x + r * C + c0;
-                        const scalar_t* dr = dy + r * C + c0;
-                        for (int64_t j = 0; j < ct; ++j) {
-                          const acc_t xm = acc_t(xr[j]) - pm[c0 + j];
-                          const acc_t gv =
-                              (!relu || xm * k[c0 + j] + pb[c0 + j] > acc_t(0))
-                                  ? acc_t(dr[j])
-                                  : acc_t(0);
-                          a1[j] += gv;
-                          a2[j] += gv * xm;
-                        }
-                      }
-                      for (int64_t j = 0; j < ct; ++j) {
-                        g1[grp * C + c0 + j] += a1[j];
-                        g2[grp * C + c0 + j] += a2[j];
-                      }
-                    }
-                  }
-                });
-            for (int64_t grp = 0; grp < plan.groups; ++grp)
-              for (int64_t c = 0; c < C; ++c) {
-                sdy[c] += g1[grp * C + c];
-                sdyx[c] += g2[grp * C + c];
-              }
-          }
-        });
-  }
+  std::vector<double> sdy(C, 0.0), sdyx(C, 0.0), inv(C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_reduce_cpu",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const ChannelParams<acc_t> cp(input, mean, invstd, weight, bias);
+        inv = cp.invstd;
+        if (g.numel() == 0) return;
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
+        if (layout == Layout::kPlanar)
+          reduce_planar(dy, x, g, cp, relu, sdy.data(), sdyx.data());
+        else
+          reduce_rows(dy, x, g, cp, relu, sdy.data(), sdyx.data());
+      });
   Tensor sums = at::empty({2 * C}, input.options().dtype(at::kDouble));
   double* ps = sums.data_ptr<double>();
-  const Tensor invstd64 = invstd.to(at::kDouble);
-  const double* pi = invstd64.const_data_ptr<double>();
   for (int64_t c = 0; c < C; ++c) {
     ps[c] = sdy[c];
-    ps[C + c] = sdyx[c] * pi[c];
+    ps[C + c] = sdyx[c] * inv[c];
   }
-  return sums.to(acc);
+  return sums.to(acc_type_of(input.scalar_type()));
 }
 
 Tensor backward_data_cpu(const Tensor& grad_output_, const Tensor& input_,
-                         const Tensor& mean_, const Tensor& invstd_,
-                         const c10::optional<Tensor>& weight_,
-                         const c10::optional<Tensor>& bias_,
+                         const Tensor& mean, const Tensor& invstd,
+                         const c10::optional<Tensor>& weight,
+                         const c10::optional<Tensor>& bias,
                          const Tensor& sums_, const Tensor& scale_,
                          bool relu) {
   check_input(input_);
   Layout layout;
   const Tensor input = as_kernel_layout(input_, &layout);
-  TORCH_CHECK(grad_output_.sizes() == input.sizes() &&
-                  grad_output_.scalar_type() == input.scalar_type(),
-              "sync_bn_backward_data: grad_output must match input in shape "
-              "and dtype, got ",
-              grad_output_.sizes(), " ", grad_output_.scalar_type(), " vs ",
-              input.sizes(), " ", input.scalar_type());
-  const Tensor grad_output = to_layout(grad_output_, layout);
+  const Tensor grad_output =
+      grad_in_layout(grad_output_, input, layout, "sync_bn_backward_data");
   const Geometry g = geometry_of(input, layout);
   const int64_t C = g.C;
   TORCH_CHECK(sums_.dim() == 1 && sums_.size(0) == 2 * C,
@@ -501,71 +532,66 @@ Tensor backward_data_cpu(const Tensor& grad_output_, const Tensor& input_,
   TORCH_CHECK(scale_.numel() == 1,
               "sync_bn_backward_data: scale must have one element, got ",
               scale_.numel());
-  const auto acc = acc_type_of(input.scalar_type());
-  const Tensor mean = channel_vector(mean_, "mean", input, acc);
-  const Tensor invstd = channel_vector(invstd_, "invstd", input, acc);
-  const Tensor weight = weight_or_ones(weight_, input, acc);
-  const Tensor bias = bias_or_zeros(bias_, input, acc);
   const Tensor sums = sums_.to(at::kDouble).contiguous();
   const double a = scale_.to(at::kDouble).item<double>();
   Tensor grad_input = empty_same_layout(input);
-  if (g.numel() == 0) return grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_data_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const ChannelParams<acc_t> cp(input, mean, invstd, weight, bias);
+        if (g.numel() == 0) return;
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
         scalar_t* dx = grad_input.data_ptr<scalar_t>();
-        const acc_t* pm = mean.const_data_ptr<acc_t>();
-        const acc_t* pi = invstd.const_data_ptr<acc_t>();
-        const acc_t* pw = weight.const_data_ptr<acc_t>();
-        const acc_t* pb = bias.const_data_ptr<acc_t>();
         const double* ps = sums.const_data_ptr<double>();
-        // dx = k1 * (dy - c1) + k2 * (x - mean).
-        std::vector<acc_t> k1(C), c1(C), k2(C);
+        // dx = k * (dy - a * sum_dy) + k2 * (x - mean), k = weight * invstd.
+        std::vector<acc_t> shift(C), k2(C);
         for (int64_t c = 0; c < C; ++c) {
-          const double kk = double(pw[c]) * double(pi[c]);
-          k1[c] = acc_t(kk);
-          c1[c] = acc_t(a * ps[c]);
-          k2[c] = acc_t(-kk * a * double(pi[c]) * ps[C + c]);
+          shift[c] = acc_t(a * ps[c]);
+          k2[c] = acc_t(-double(cp.scale[c]) * a * cp.invstd[c] * ps[C + c]);
         }
-        auto span = [&](int64_t off, int64_t n, int64_t c) {
-          const acc_t m = pm[c], kk = k1[c], cc = c1[c], k22 = k2[c], b = pb[c];
-          if (relu) {
-            for (int64_t i = 0; i < n; ++i) {
-              const acc_t xm = acc_t(x[off + i]) - m;
-              const acc_t gv =
-                  xm * kk + b > acc_t(0) ? acc_t(dy[off + i]) : acc_t(0);
-              dx[off + i] = scalar_t(kk * (gv - cc) + k22 * xm);
-            }
-          } else {
-            for (int64_t i = 0; i < n; ++i)
-              dx[off + i] = scalar_t(kk * (acc_t(dy[off + i]) - cc) +
-                                     k22 * (acc_t(x[off + i]) - m));
-          }
-        };
+        const acc_t *hi = cp.mean_hi.data(), *lo = cp.mean_lo.data(),
+                    *k = cp.scale.data(), *b = cp.bias.data();
         if (layout == Layout::kPlanar) {
-          const int64_t grain = std::max<int64_t>(1, 32768 / g.S);
-          at::parallel_for(0, g.N * C, grain, [&](int64_t b, int64_t e) {
-            for (int64_t p = b; p < e; ++p) span(p * g.S, g.S, p % C);
-          });
-        } else {
-          const int64_t grain = std::max<int64_t>(1, 32768 / C);
-          at::parallel_for(0, g.rows(), grain, [&](int64_t b, int64_t e) {
-            for (int64_t r = b; r < e; ++r) {
-              const scalar_t* xr = x + r * C;
-              const scalar_t* dr = dy + r * C;
-              scalar_t* gr = dx + r * C;
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t xm = acc_t(xr[c]) - pm[c];
-                const acc_t gv =
-                    (!relu || xm * k1[c] + pb[c] > acc_t(0)) ? acc_t(dr[c])
-                                                             : acc_t(0);
-                gr[c] = scalar_t(k1[c] * (gv - c1[c]) + k2[c] * xm);
-              }
-            }
-          });
+          at::parallel_for(
+              0, g.N * C, elementwise_grain(g.S), [&](int64_t bg, int64_t e) {
+                for (int64_t p = bg; p < e; ++p) {
+                  const int64_t c = p % C, off = p * g.S;
+                  const acc_t h = hi[c], l = lo[c], kc = k[c], sc = shift[c],
+                              k2c = k2[c], bc = b[c];
+                  if (relu) {
+                    for (int64_t i = 0; i < g.S; ++i) {
+                      const acc_t xm = (acc_t(x[off + i]) - h) - l;
+                      const acc_t gv = xm * kc + bc > acc_t(0)
+                                           ? acc_t(dy[off + i])
+                                           : acc_t(0);
+                      dx[off + i] = scalar_t(kc * (gv - sc) + k2c * xm);
+                    }
+                  } else {
+                    for (int64_t i = 0; i < g.S; ++i)
+                      dx[off + i] =
+                          scalar_t(kc * (acc_t(dy[off + i]) - sc) +
+                                   k2c * ((acc_t(x[off + i]) - h) - l));
+                  }
+                }
+              });
+          return;
         }
+        at::parallel_for(
+            0, g.rows(), elementwise_grain(C), [&](int64_t bg, int64_t e) {
+              for (int64_t r = bg; r < e; ++r) {
+                const scalar_t* xr = x + r * C;
+                const scalar_t* dr = dy + r * C;
+                scalar_t* gr = dx + r * C;
+                for (int64_t c = 0; c < C; ++c) {
+                  const acc_t xm = (acc_t(xr[c]) - hi[c]) - lo[c];
+                  const acc_t gv = (!relu || xm * k[c] + b[c] > acc_t(0))
+                                       ? acc_t(dr[c])
+                                       : acc_t(0);
+                  gr[c] = scalar_t(k[c] * (gv - shift[c]) + k2[c] * xm);
+                }
+              }
+            });
       });
   return grad_input;
 }
