@@ -1,0 +1,3 @@
+from .resnet import BasicBlock, ResNetClassifier
+
+__all__ = ['BasicBlock', 'ResNetClassifier']

@@ -1,0 +1,318 @@
+"""Train a model from a config with mmengine's Runner, on one or many ranks.
+
+Examples::
+
+    python tools/train.py CONFIG                      # one process
+    tools/dist_train.sh CONFIG 2                      # torchrun, 2 processes
+    tools/slurm_train.sh PARTITION JOB CONFIG WORK_DIR
+
+Every check of the input (config, launcher environment, model, split of the
+train set over the ranks) runs before anything is written, and a failed one
+ends the run with one line on stderr and exit status 2.
+"""
+import argparse
+import datetime
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+from mmengine.config import Config, DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+from mmsync.datasets import steps_per_rank
+from mmsync.registry import DATASETS, MODELS
+
+LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+TORCHRUN_VARS = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR',
+                 'MASTER_PORT')
+SLURM_VARS = ('SLURM_PROCID', 'SLURM_LOCALID', 'SLURM_NTASKS',
+              'SLURM_NODELIST')
+MPI_VARS = ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_LOCAL_RANK',
+            'OMPI_COMM_WORLD_SIZE', 'MASTER_ADDR')
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, before anything is written."""
+
+
+def parse_args():
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(
+        description='Train a model with mmengine; MMSyncBN layers '
+        'synchronize over all processes of the launch.')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument(
+        '--work-dir',
+        help='where logs, checkpoints and curves go; default: '
+        'cfg.work_dir or ./work_dirs/<config name>')
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        const='auto',
+        help='resume from this checkpoint, or without a value from the '
+        'latest checkpoint in the work dir')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        help='automatic mixed precision (float16 on CUDA, bfloat16 on CPU)')
+    parser.add_argument(
+        '--seed', type=int, help='random seed; default: cfg.randomness.seed')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config entries, e.g. train_cfg.max_epochs=5 '
+        'train_dataloader.batch_size=16')
+    parser.add_argument(
+        '--launcher',
+        choices=LAUNCHERS,
+        default='none',
+        help='how the processes were started (pytorch: torchrun)')
+    parser.add_argument(
+        '--dry-run',
+        type=int,
+        metavar='WORLD_SIZE',
+        help='check the config, model and split of the train set over '
+        'WORLD_SIZE processes, print the plan and exit; writes nothing')
+    return parser.parse_args()
+
+
+def load_config(args) -> Config:
+    """The config with the command line applied."""
+    if not osp.isfile(args.config):
+        raise UsageError(f'config file {args.config!r} not found: pass the '
+                         'path of a .py config, e.g. configs/resnet_tiny/'
+                         'resnet-tiny_mmsyncbn_2xb32-15e_digits.py')
+    try:
+        cfg = Config.fromfile(args.config)
+        if args.cfg_options:
+            cfg.merge_from_dict(args.cfg_options)
+    except Exception as e:
+        raise UsageError(f'cannot read config {args.config!r}: '
+                         f'{type(e).__name__}: {_one_line(e)}')
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs',
+        osp.splitext(osp.basename(args.config))[0])
+    if args.resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        if not osp.isfile(args.resume):
+            raise UsageError(f'--resume: checkpoint {args.resume!r} not '
+                             'found; give a .pth file, or no value to '
+                             'resume from the latest one in the work dir')
+        cfg.resume, cfg.load_from = True, args.resume
+    if args.seed is not None:
+        cfg.setdefault('randomness', {})['seed'] = args.seed
+    if args.amp:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    return cfg
+
+
+def _one_line(e: Exception) -> str:
+    """An exception's message on one line (KeyError's without quotes)."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return ' '.join(str(msg).split())
+
+
+def _require(launcher: str, names, hint: str) -> dict:
+    """The environment variables ``names``, or a UsageError naming them."""
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise UsageError(f'--launcher {launcher} needs the environment '
+                         f'variable(s) {", ".join(missing)}: {hint}')
+    return {name: os.environ[name] for name in names}
+
+
+def launch_env(launcher: str) -> dict:
+    """Rank, local rank, world size, master address and port of a launch.
+
+    Args:
+        launcher (str): One of ``LAUNCHERS``.
+
+    Returns:
+        dict: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as
+        strings (empty for 'none').
+    """
+    if launcher == 'none':
+        return {}
+    if launcher == 'pytorch':
+        return _require(
+            launcher, TORCHRUN_VARS,
+            'start it with tools/dist_train.sh CONFIG NPROC, or torchrun '
+            '--nproc-per-node NPROC tools/train.py CONFIG --launcher '
+            'pytorch')
+    if launcher == 'slurm':
+        env = _require(
+            launcher, SLURM_VARS,
+            'start it with tools/slurm_train.sh PARTITION JOB CONFIG '
+            'WORK_DIR, or srun ... python tools/train.py CONFIG --launcher '
+            'slurm')
+        addr = os.environ.get('MASTER_ADDR')
+        if not addr:
+            try:
+                addr = subprocess.run(
+                    ['scontrol', 'show', 'hostnames', env['SLURM_NODELIST']],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=True).stdout.split()[0]
+            except (OSError, subprocess.SubprocessError, IndexError) as e:
+                raise UsageError(
+                    '--launcher slurm: cannot resolve the first node of '
+                    f'SLURM_NODELIST={env["SLURM_NODELIST"]!r} with '
+                    f'scontrol ({_one_line(e)}); set MASTER_ADDR')
+        # A port per job, so that jobs sharing a node do not collide.
+        port = os.environ.get(
+            'MASTER_PORT',
+            str(20000 + int(os.environ.get('SLURM_JOB_ID', 0)) % 10000))
+        return dict(
+            RANK=env['SLURM_PROCID'],
+            LOCAL_RANK=env['SLURM_LOCALID'],
+            WORLD_SIZE=env['SLURM_NTASKS'],
+            MASTER_ADDR=addr,
+            MASTER_PORT=port)
+    env = _require(
+        launcher, MPI_VARS,
+        'start it with mpirun -n NPROC -x MASTER_ADDR=<host of rank 0> '
+        '[-x MASTER_PORT=29500] python tools/train.py CONFIG --launcher mpi')
+    return dict(
+        RANK=env['OMPI_COMM_WORLD_RANK'],
+        LOCAL_RANK=env['OMPI_COMM_WORLD_LOCAL_RANK'],
+        WORLD_SIZE=env['OMPI_COMM_WORLD_SIZE'],
+        MASTER_ADDR=env['MASTER_ADDR'],
+        MASTER_PORT=os.environ.get('MASTER_PORT', '29500'))
+
+
+def check_model(cfg: Config, config: str) -> list:
+    """Build the model once (cheap, no process group) to check its config.
+
+    Returns:
+        list[str]: Class names of the model's norm layers.
+    """
+    try:
+        model = MODELS.build(cfg.model)
+    except Exception as e:
+        raise UsageError(f'cannot build the model of {config}: '
+                         f'{_one_line(e)}')
+    return sorted({
+        type(m).__name__
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+    })
+
+
+def check_split(cfg: Config, world_size: int) -> str:
+    """Check that every rank takes the same number of training steps.
+
+    Ranks with fewer steps than others would leave them waiting in a
+    collective for ever; a rank without samples cannot train at all.
+
+    Returns:
+        str: The plan, e.g. '1437 samples, 2 ranks x 32, 23 steps/epoch'.
+    """
+    loader = cfg.train_dataloader
+    try:
+        dataset = DATASETS.build(loader.dataset)
+    except Exception as e:
+        raise UsageError(f'cannot build train_dataloader.dataset: '
+                         f'{_one_line(e)}')
+    sampler = loader.get('sampler', {})
+    batch_size = loader.batch_size
+    plan = f'{len(dataset)} samples, {world_size} process(es) x {batch_size}'
+    if sampler.get('type') not in ('DefaultSampler',
+                                   'mmengine.DefaultSampler'):
+        return plan
+    kwargs = dict(
+        num_samples=len(dataset),
+        batch_size=batch_size,
+        drop_last=loader.get('drop_last', False),
+        round_up=sampler.get('round_up', True))
+    steps = steps_per_rank(world_size=world_size, **kwargs)
+    if min(steps) == max(steps) > 0:
+        return f'{plan}, {steps[0]} steps/epoch'
+    fits = [
+        n for n in range(1, world_size)
+        if min(steps_per_rank(world_size=n, **kwargs)) == max(
+            steps_per_rank(world_size=n, **kwargs)) > 0
+    ]
+    rank = next(r for r, s in enumerate(steps) if s != steps[0])
+    raise UsageError(
+        f'{world_size} processes are too many for this train set: '
+        f'{len(dataset)} samples in batches of {batch_size} per process '
+        f'give rank 0 {steps[0]} steps per epoch but rank {rank} '
+        f'{steps[rank]}; use {max(fits, default=1)} processes or fewer, or '
+        'change train_dataloader.batch_size')
+
+
+def init_distributed(cfg: Config, env: dict) -> str:
+    """Join the process group; the backend is NCCL with CUDA, else gloo.
+
+    mmengine's own ``init_dist`` assumes CUDA; this works on CPU as well.
+
+    Returns:
+        str: The backend.
+    """
+    os.environ.update(env)
+    dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    backend = dist_cfg.pop('backend', None)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(env['LOCAL_RANK']))
+        backend = backend or 'nccl'
+    backend = backend or 'gloo'
+    timeout = dist_cfg.pop('timeout', None)
+    if timeout is not None:
+        dist_cfg['timeout'] = datetime.timedelta(seconds=timeout)
+    dist.init_process_group(
+        backend=backend,
+        rank=int(env['RANK']),
+        world_size=int(env['WORLD_SIZE']),
+        **dist_cfg)
+    return backend
+
+
+def draw_curves(runner: Runner) -> None:
+    """Write the loss/accuracy curves of this run next to its logs."""
+    from analyze_logs import plot_curves
+    scalars = osp.join(runner.log_dir, 'vis_data', 'scalars.json')
+    if osp.isfile(scalars):
+        out = osp.join(runner.log_dir, 'curves.png')
+        plot_curves(scalars, out, title=runner.experiment_name)
+        runner.logger.info(f'loss and accuracy curves: {out}')
+
+
+def main():
+    """Check the input, join the process group, train, draw the curves."""
+    args = parse_args()
+    try:
+        cfg = load_config(args)
+        env = launch_env(args.launcher) if args.dry_run is None else {}
+        world_size = args.dry_run or int(env.get('WORLD_SIZE', 1))
+        if world_size < 1:
+            raise UsageError(f'--dry-run: WORLD_SIZE must be at least 1, '
+                             f'got {world_size}')
+        norms = check_model(cfg, args.config)
+        plan = check_split(cfg, world_size)
+    except UsageError as e:
+        print(f'{osp.basename(__file__)}: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    if args.dry_run is not None:
+        print(f'{args.config}: norm layers {", ".join(norms) or "none"}; '
+              f'train set {plan}; work dir {cfg.work_dir}')
+        return
+    if env:
+        init_distributed(cfg, env)
+    runner = (
+        RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg))
+    runner.train()
+    if runner.rank == 0:
+        draw_curves(runner)
+
+
+if __name__ == '__main__':
+    main()
