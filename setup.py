@@ -7,7 +7,6 @@ without optimization and with debug symbols.
 import glob
 import os
 import os.path as osp
-
 from setuptools import find_packages, setup
 
 FORCE_CUDA = os.getenv('FORCE_CUDA', '0') == '1'
@@ -40,9 +39,9 @@ def parse_requirements(fname):
 
 def get_extensions():
     """The ``mmsync._ext`` extension: C++ sources, plus CUDA where possible."""
+    import torch
     from torch.utils.cpp_extension import (CUDA_HOME, CppExtension,
                                            CUDAExtension)
-    import torch
 
     sources = glob.glob(osp.join(CSRC, 'pytorch', '*.cpp')) + glob.glob(
         osp.join(CSRC, 'pytorch', 'cpu', '*.cpp'))

@@ -39,16 +39,17 @@ def _register_fake_kernels():
 
     @torch.library.register_fake('mmsync::sync_bn_forward_stats')
     def _(input, weight_by_count):
-        return input.new_empty((2 * input.size(1) + 2, ),
-                               dtype=torch.float64)
+        return input.new_empty((2 * input.size(1) + 2, ), dtype=torch.float64)
 
     @torch.library.register_fake('mmsync::sync_bn_forward_finalize')
-    def _(stats, running_mean, running_var, num_batches_tracked, momentum,
-          eps, count, weight_by_count, dtype):
+    def _(stats, running_mean, running_var, num_batches_tracked, momentum, eps,
+          count, weight_by_count, dtype):
         channels = (stats.size(0) - 2) // 2
-        return (stats.new_empty((channels, ), dtype=dtype),
-                stats.new_empty((channels, ), dtype=dtype),
-                stats.new_empty((1, ), dtype=dtype))
+        return (stats.new_empty(
+            (channels, ),
+            dtype=dtype), stats.new_empty(
+                (channels, ), dtype=dtype), stats.new_empty((1, ),
+                                                            dtype=dtype))
 
     @torch.library.register_fake('mmsync::sync_bn_forward_output')
     def _(input, mean, invstd, weight, bias, relu):
@@ -99,9 +100,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor],
                 num_batches_tracked: Optional[torch.Tensor],
-                momentum: Optional[float], eps: float, group,
-                group_size: int, stats_mode: str,
-                relu: bool) -> torch.Tensor:
+                momentum: Optional[float], eps: float, group, group_size: int,
+                stats_mode: str, relu: bool) -> torch.Tensor:
         if not _dense_layout(input):
             input = input.contiguous()
         by_count = stats_mode == 'N'
@@ -122,8 +122,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         mean, invstd, scale = ext_module.sync_bn_forward_finalize(
             stats, running_mean, running_var, num_batches_tracked, momentum,
             eps, count, by_count, torch.float64)
-        output = ext_module.sync_bn_forward_output(input, mean, invstd,
-                                                   weight, bias, relu)
+        output = ext_module.sync_bn_forward_output(input, mean, invstd, weight,
+                                                   bias, relu)
         ctx.save_for_backward(input, weight, bias, mean, invstd, scale)
         ctx.group = group
         ctx.group_size = group_size
@@ -232,8 +232,7 @@ class SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
         if not self.training and self.running_mean is not None:
             output = F.batch_norm(input, self.running_mean, self.running_var,
-                                  self.weight, self.bias, False, 0.0,
-                                  self.eps)
+                                  self.weight, self.bias, False, 0.0, self.eps)
             return F.relu(output) if self.act == 'relu' else output
         tracking = self.training and self.track_running_stats
         group = self.group if self.group_size > 1 else None

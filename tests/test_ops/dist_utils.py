@@ -40,7 +40,10 @@ def _worker(fn, rank, world_size, port, args, results, pg_timeout):
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 180,
+def run_distributed(fn,
+                    world_size: int,
+                    *args,
+                    timeout: float = 180,
                     pg_timeout: float = 30):
     """Runs ``fn(rank, world_size, *args)`` on ``world_size`` processes.
 

@@ -126,8 +126,8 @@ def _reference(case: Case, x, dy, weight, bias, running, step, low):
     if case.track_running_stats and case.training:
         rm, rv = (t.clone().to(pdtype) for t in running)
     if not case.training and case.track_running_stats:
-        y = F.batch_norm(x, running[0].to(pdtype), running[1].to(pdtype), w,
-                         b, False, 0.0, 1e-5)
+        y = F.batch_norm(x, running[0].to(pdtype), running[1].to(pdtype), w, b,
+                         False, 0.0, 1e-5)
     elif case.stats_mode == 'N' or equal:
         y = F.batch_norm(x, rm, rv, w, b, True, momentum, 1e-5)
     else:
@@ -148,7 +148,9 @@ def _max_err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def check_case(case: Case, rank: int, world_size: int,
+def check_case(case: Case,
+               rank: int,
+               world_size: int,
                counter: Optional[CollectiveCounter] = None) -> List[str]:
     """Runs ``case`` on this rank; returns a list of mismatches (empty: ok).
 
@@ -191,8 +193,10 @@ def check_case(case: Case, rank: int, world_size: int,
     floor = max(FLOOR[case.dtype], 2.0**-50 * (case.offset / 2)**2)
 
     def expect(what, got, want, want_low, step):
-        tol = max(2 * _max_err(want_low, want), floor *
-                  max(1.0, want.abs().max().item() if want.numel() else 1.0))
+        tol = max(
+            2 * _max_err(want_low, want),
+            floor * max(1.0,
+                        want.abs().max().item() if want.numel() else 1.0))
         err = _max_err(got, want)
         if not err <= tol:
             failures.append(f'[{case.describe()}] step {step} {what}: '
@@ -239,8 +243,9 @@ def check_case(case: Case, rank: int, world_size: int,
             failures.append(f'[{case.describe()}] output is {y.dtype} '
                             f'{tuple(y.shape)}')
         if case.channels_last and x.dim() in (4, 5) and n_local > 1:
-            fmt = (torch.channels_last
-                   if x.dim() == 4 else torch.channels_last_3d)
+            fmt = (
+                torch.channels_last
+                if x.dim() == 4 else torch.channels_last_3d)
             if not y.is_contiguous(memory_format=fmt):
                 failures.append(f'[{case.describe()}] output lost the '
                                 'channels_last layout')
@@ -265,8 +270,9 @@ def check_case(case: Case, rank: int, world_size: int,
     return failures
 
 
-def standard_cases(splits_list, dtypes=('float64', 'float32', 'float16',
-                                        'bfloat16')) -> List[Case]:
+def standard_cases(
+    splits_list, dtypes=('float64', 'float32', 'float16', 'bfloat16')
+) -> List[Case]:
     """A broad grid: dims, layouts, dtypes, modes, options and splits."""
     cases = []
     seed = 0

@@ -1,13 +1,11 @@
 """MMSyncBN against F.batch_norm over the concatenated global batch."""
 import pytest
-import torch
-
 from dist_utils import run_distributed
-from sync_bn_cases import Case, check_case, run_cases, standard_cases
+from sync_bn_cases import check_case, run_cases, standard_cases
 
 
-@pytest.mark.parametrize('case', standard_cases([[6]]),
-                         ids=lambda c: c.describe())
+@pytest.mark.parametrize(
+    'case', standard_cases([[6]]), ids=lambda c: c.describe())
 def test_world_one(case):
     """Without any process group the layer is a world of one."""
     assert check_case(case, 0, 1) == []

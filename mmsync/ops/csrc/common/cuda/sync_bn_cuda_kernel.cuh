@@ -1,0 +1,677 @@
+// CUDA kernel templates of the sync_bn ops. PLANAR inputs (N x C x S
+// contiguous) are reduced by (split, channel) blocks and transformed by flat
+// vectorized kernels; ROWS inputs (N*S rows of C channels: channels_last, 2D)
+// by 2-D blocks whose threads own V adjacent channels over many rows.
+#pragma once
+
+#include "sync_bn_cuda_utils.cuh"
+
+namespace mmsync {
+namespace cuda {
+
+// ---------------------------------------------------------------------------
+// Local statistics. Each block reduces `per_block` elements (PLANAR) or
+// `rows_per_block` rows (ROWS) of a channel to (n, mean, M2), written to
+// `partial` ([3][splits][C]: n, mean, M2) and merged by stats_merge_kernel;
+// a grid of one split writes the packed buffer directly (partial unused).
+
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    stats_planar_kernel(const scalar_t* __restrict__ x, int64_t C, int64_t S,
+                        int64_t M, int64_t per_block, CursorStep step,
+                        acc_t* __restrict__ partial,
+                        double* __restrict__ packed, double weight,
+                        double count) {
+  const int64_t splits = gridDim.x;
+  const int64_t lo = int64_t(blockIdx.x) * per_block;
+  const int64_t hi = lo + per_block < M ? lo + per_block : M;
+  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
+    acc_t n = acc_t(0), mean = acc_t(0), m2 = acc_t(0);
+    PlaneCursor cur(lo + int64_t(threadIdx.x) * V, c, C, S);
+    while (cur.i < hi) {
+      acc_t v[kUnroll * V];
+      int valid = 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (cur.i < hi) {
+          const Pack<scalar_t, V> p = load_pack<V>(x + cur.off);
+#pragma unroll
+          for (int j = 0; j < V; ++j) v[u * V + j] = acc_t(p.v[j]);
+          valid += V;
+        }
+        cur.advance(step, S);
+      }
+      welford_add<kUnroll * V>(n, mean, m2, v, valid);
+    }
+    block_welford(n, mean, m2);
+    if (threadIdx.x == 0) {
+      if (splits == 1) {
+        write_packed(packed, C, c, weight, double(n), double(mean),
+                     double(m2));
+      } else {
+        partial[blockIdx.x * C + c] = n;
+        partial[(splits + blockIdx.x) * C + c] = mean;
+        partial[(2 * splits + blockIdx.x) * C + c] = m2;
+      }
+    }
+  }
+  if (splits == 1 && blockIdx.y == 0 && threadIdx.x == 0) {
+    packed[0] = weight;
+    packed[1] = count;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    stats_rows_kernel(const scalar_t* __restrict__ x, int64_t M, int64_t C,
+                      int64_t rows_per_block, acc_t* __restrict__ partial,
+                      double* __restrict__ packed, double weight,
+                      double count) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);
+  constexpr int kState = 2 * V + 1;  // n, mean[V], m2[V]
+  const int bx = blockDim.x, by = blockDim.y;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t splits = gridDim.x;
+  const int64_t Cv = C / V;
+  const int64_t lo = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t hi = lo + rows_per_block < M ? lo + rows_per_block : M;
+  acc_t* mine = sh + (ty * bx + tx) * kState;
+  for (int64_t cv0 = int64_t(blockIdx.y) * bx; cv0 < Cv;
+       cv0 += int64_t(gridDim.y) * bx) {
+    const int64_t cv = cv0 + tx;
+    const bool active = cv < Cv;
+    acc_t n = acc_t(0), mean[V], m2[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) mean[j] = m2[j] = acc_t(0);
+    if (active) {
+      const scalar_t* base = x + cv * V;
+      for (int64_t r = lo + ty; r < hi; r += int64_t(by) * kUnroll) {
+        acc_t v[kUnroll][V];
+        int valid = 0;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t rr = r + int64_t(u) * by;
+          if (rr < hi) {
+            const Pack<scalar_t, V> p = load_pack<V>(base + rr * C);
+#pragma unroll
+            for (int j = 0; j < V; ++j) v[u][j] = acc_t(p.v[j]);
+            ++valid;
+          }
+        }
+        welford_add_rows<kUnroll, V>(n, mean, m2, v, valid);
+      }
+    }
+    // Tree over the block's rows of threads (any blockDim.y): the upper
+    // half merges into the lower half until row 0 holds the block's moments.
+    mine[0] = n;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      mine[1 + j] = mean[j];
+      mine[1 + V + j] = m2[j];
+    }
+    __syncthreads();
+    for (int rows = by; rows > 1;) {
+      const int half = (rows + 1) / 2;
+      if (ty < rows - half) {
+        const acc_t* other = sh + ((ty + half) * bx + tx) * kState;
+        const acc_t nb = other[0];
+        if (nb > acc_t(0)) {
+          const acc_t n_ab = n + nb;
+          const acc_t frac = nb / n_ab;
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const acc_t delta = other[1 + j] - mean[j];
+            mean[j] += delta * frac;
+            m2[j] += other[1 + V + j] + delta * delta * n * frac;
+            mine[1 + j] = mean[j];
+            mine[1 + V + j] = m2[j];
+          }
+          n = n_ab;
+          mine[0] = n;
+        }
+      }
+      __syncthreads();
+      rows = half;
+    }
+    if (ty == 0 && active) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const int64_t c = cv * V + j;
+        if (splits == 1) {
+          write_packed(packed, C, c, weight, double(n), double(mean[j]),
+                       double(m2[j]));
+        } else {
+          partial[blockIdx.x * C + c] = n;
+          partial[(splits + blockIdx.x) * C + c] = mean[j];
+          partial[(2 * splits + blockIdx.x) * C + c] = m2[j];
+        }
+      }
+    }
+    __syncthreads();  // `sh` is reused by the next channel tile
+  }
+  if (splits == 1 && blockIdx.y == 0 && tx == 0 && ty == 0) {
+    packed[0] = weight;
+    packed[1] = count;
+  }
+}
+
+// One warp per channel merges the `splits` partial moments in float64, in a
+// fixed order (deterministic), and writes the packed buffer.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    stats_merge_kernel(const acc_t* __restrict__ partial, int64_t splits,
+                       int64_t C, double* __restrict__ packed, double weight,
+                       double count) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t(gridDim.x) * kThreads) >> 5;
+  for (int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> 5;
+       c < C; c += warps) {
+    double n = 0.0, mean = 0.0, m2 = 0.0;
+    for (int64_t j = lane; j < splits; j += 32)
+      chan_merge(n, mean, m2, double(partial[j * C + c]),
+                 double(partial[(splits + j) * C + c]),
+                 double(partial[(2 * splits + j) * C + c]));
+    warp_welford(n, mean, m2);
+    if (lane == 0) write_packed(packed, C, c, weight, n, mean, m2);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    packed[0] = weight;
+    packed[1] = count;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Finalize: the all-reduced packed buffer -> mean, invstd (out_t), the scale
+// of the backward formula, and the running-stat update, all on the device:
+// no host read, so the step stays asynchronous and graph-capturable.
+
+template <typename out_t, typename run_t>
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const double* __restrict__ stats, int64_t C, double eps,
+                    int64_t count, bool weight_by_count,
+                    run_t* __restrict__ running_mean,
+                    run_t* __restrict__ running_var,
+                    const int64_t* __restrict__ tracked, bool has_momentum,
+                    double momentum, out_t* __restrict__ mean,
+                    out_t* __restrict__ invstd, out_t* __restrict__ scale) {
+  const double total = stats[1];
+  const bool update = running_mean != nullptr && total > 0.0;
+  double f = 0.0;
+  if (update)
+    f = update_factor(has_momentum, momentum, tracked != nullptr,
+                      tracked != nullptr ? static_cast<long long>(*tracked)
+                                         : 0LL);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += stride) {
+    double m, v;
+    packed_moments(stats, C, c, m, v);
+    mean[c] = out_t(m);
+    invstd[c] = out_t(1.0 / sqrt(v + eps));
+    if (update) {
+      running_mean[c] =
+          run_t(double(running_mean[c]) * (1.0 - f) + f * m);
+      running_var[c] = run_t(double(running_var[c]) * (1.0 - f) +
+                             f * unbiased_var(v, total));
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0)
+    scale[0] = out_t(grad_scale(stats, count, weight_by_count));
+}
+
+// ---------------------------------------------------------------------------
+// Output: y = (x - mean) * invstd * weight + bias, optionally max(y, 0).
+// weight / bias may be null (ones / zeros).
+
+template <typename acc_t>
+struct AffineConsts {
+  acc_t m, k, b;
+  __device__ __forceinline__ void load(int64_t c, const acc_t* mean,
+                                       const acc_t* invstd,
+                                       const acc_t* weight,
+                                       const acc_t* bias) {
+    m = mean[c];
+    k = weight != nullptr ? invstd[c] * weight[c] : invstd[c];
+    b = bias != nullptr ? bias[c] : acc_t(0);
+  }
+  template <typename scalar_t>
+  __device__ __forceinline__ scalar_t apply(scalar_t x, bool relu) const {
+    const acc_t v = (acc_t(x) - m) * k + b;
+    return scalar_t(relu ? (v > acc_t(0) ? v : acc_t(0)) : v);
+  }
+};
+
+// PLANAR, flat: thread t visits vectors t, t + grid, ... of the whole tensor
+// and tracks their channel incrementally; a vector that spans two planes
+// (S % V != 0) is handled element by element.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    output_planar_kernel(const scalar_t* __restrict__ x,
+                         scalar_t* __restrict__ y, int64_t numel, int64_t C,
+                         int64_t S, FlatStep st, const acc_t* __restrict__ mean,
+                         const acc_t* __restrict__ invstd,
+                         const acc_t* __restrict__ weight,
+                         const acc_t* __restrict__ bias, bool relu) {
+  const int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t body = numel - numel % V;
+  int64_t i = tid * V;
+  int64_t s = 0, c = 0;
+  if (i < body) {
+    const int64_t p = i / S;
+    s = i - p * S;
+    c = p % C;
+  }
+  AffineConsts<acc_t> k;
+  int64_t loaded = -1;
+  for (; i < body; i += st.step) {
+    const Pack<scalar_t, V> xv = load_pack<V>(x + i);
+    Pack<scalar_t, V> yv;
+    if (s + V <= S) {
+      if (c != loaded) {
+        k.load(c, mean, invstd, weight, bias);
+        loaded = c;
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) yv.v[j] = k.apply(xv.v[j], relu);
+    } else {
+      int64_t sj = s, cj = c;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (sj == S) {
+          sj = 0;
+          cj = cj + 1 == C ? 0 : cj + 1;
+        }
+        if (cj != loaded) {
+          k.load(cj, mean, invstd, weight, bias);
+          loaded = cj;
+        }
+        yv.v[j] = k.apply(xv.v[j], relu);
+        ++sj;
+      }
+    }
+    store_pack<V>(y + i, yv);
+    s += st.ds;
+    c += st.dc;
+    if (s >= S) {
+      s -= S;
+      ++c;
+    }
+    if (c >= C) c -= C;
+  }
+  // The last numel % V (< V) elements, one per thread of the first block.
+  if (tid < numel - body) {
+    const int64_t e = body + tid;
+    k.load((e / S) % C, mean, invstd, weight, bias);
+    y[e] = k.apply(x[e], relu);
+  }
+}
+
+// ROWS: thread (tx, ty) owns channels [V*cv, V*cv + V) and keeps their
+// constants in registers while it walks rows ty, ty + by, ...
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    output_rows_kernel(const scalar_t* __restrict__ x,
+                       scalar_t* __restrict__ y, int64_t M, int64_t C,
+                       const acc_t* __restrict__ mean,
+                       const acc_t* __restrict__ invstd,
+                       const acc_t* __restrict__ weight,
+                       const acc_t* __restrict__ bias, bool relu) {
+  const int64_t Cv = C / V;
+  const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
+  for (int64_t cv = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; cv < Cv;
+       cv += int64_t(gridDim.y) * blockDim.x) {
+    AffineConsts<acc_t> k[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      k[j].load(cv * V + j, mean, invstd, weight, bias);
+    for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < M;
+         r += row_step) {
+      const int64_t off = r * C + cv * V;
+      const Pack<scalar_t, V> xv = load_pack<V>(x + off);
+      Pack<scalar_t, V> yv;
+#pragma unroll
+      for (int j = 0; j < V; ++j) yv.v[j] = k[j].apply(xv.v[j], relu);
+      store_pack<V>(y + off, yv);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward reduction: per channel sum(g) and sum(g * (x - mean)), g being dy
+// masked by the recomputed ReLU. Partials ([2][splits][C]) are summed in
+// float64 by reduce_merge_kernel, which also applies invstd; a grid of one
+// split writes `sums` (2C, acc_t) directly.
+
+template <typename acc_t>
+struct MaskConsts {
+  acc_t m, k, b;
+  __device__ __forceinline__ void load(int64_t c, const acc_t* mean,
+                                       const acc_t* invstd,
+                                       const acc_t* weight,
+                                       const acc_t* bias) {
+    m = mean[c];
+    k = weight != nullptr ? invstd[c] * weight[c] : invstd[c];
+    b = bias != nullptr ? bias[c] : acc_t(0);
+  }
+  // dy where the forward output (x - m) * k + b was positive (or no ReLU).
+  __device__ __forceinline__ acc_t grad(acc_t dy, acc_t xm, bool relu) const {
+    return (relu && !(xm * k + b > acc_t(0))) ? acc_t(0) : dy;
+  }
+};
+
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    reduce_planar_kernel(const scalar_t* __restrict__ dy,
+                         const scalar_t* __restrict__ x, int64_t C, int64_t S,
+                         int64_t M, int64_t per_block, CursorStep step,
+                         const acc_t* __restrict__ mean,
+                         const acc_t* __restrict__ invstd,
+                         const acc_t* __restrict__ weight,
+                         const acc_t* __restrict__ bias, bool relu,
+                         acc_t* __restrict__ partial,
+                         acc_t* __restrict__ sums) {
+  const int64_t splits = gridDim.x;
+  const int64_t lo = int64_t(blockIdx.x) * per_block;
+  const int64_t hi = lo + per_block < M ? lo + per_block : M;
+  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
+    MaskConsts<acc_t> k;
+    k.load(c, mean, invstd, weight, bias);
+    acc_t s1[V], s2[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) s1[j] = s2[j] = acc_t(0);
+    PlaneCursor cur(lo + int64_t(threadIdx.x) * V, c, C, S);
+    while (cur.i < hi) {
+      Pack<scalar_t, V> gv[kUnroll], xv[kUnroll];
+      bool ok[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        ok[u] = cur.i < hi;
+        if (ok[u]) {
+          gv[u] = load_pack<V>(dy + cur.off);
+          xv[u] = load_pack<V>(x + cur.off);
+        }
+        cur.advance(step, S);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (ok[u]) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const acc_t xm = acc_t(xv[u].v[j]) - k.m;
+            const acc_t g = k.grad(acc_t(gv[u].v[j]), xm, relu);
+            s1[j] += g;
+            s2[j] += g * xm;
+          }
+        }
+    }
+    acc_t t1 = acc_t(0), t2 = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      t1 += s1[j];
+      t2 += s2[j];
+    }
+    block_sum2(t1, t2);
+    if (threadIdx.x == 0) {
+      if (splits == 1) {
+        sums[c] = t1;
+        sums[C + c] = acc_t(double(t2) * double(invstd[c]));
+      } else {
+        partial[blockIdx.x * C + c] = t1;
+        partial[(splits + blockIdx.x) * C + c] = t2;
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    reduce_rows_kernel(const scalar_t* __restrict__ dy,
+                       const scalar_t* __restrict__ x, int64_t M, int64_t C,
+                       int64_t rows_per_block, const acc_t* __restrict__ mean,
+                       const acc_t* __restrict__ invstd,
+                       const acc_t* __restrict__ weight,
+                       const acc_t* __restrict__ bias, bool relu,
+                       acc_t* __restrict__ partial,
+                       acc_t* __restrict__ sums) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);
+  constexpr int kState = 2 * V;  // s1[V], s2[V]
+  const int bx = blockDim.x, by = blockDim.y;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t splits = gridDim.x;
+  const int64_t Cv = C / V;
+  const int64_t lo = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t hi = lo + rows_per_block < M ? lo + rows_per_block : M;
+  acc_t* mine = sh + (ty * bx + tx) * kState;
+  for (int64_t cv0 = int64_t(blockIdx.y) * bx; cv0 < Cv;
+       cv0 += int64_t(gridDim.y) * bx) {
+    const int64_t cv = cv0 + tx;
+    const bool active = cv < Cv;
+    acc_t s1[V], s2[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) s1[j] = s2[j] = acc_t(0);
+    if (active) {
+      MaskConsts<acc_t> k[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        k[j].load(cv * V + j, mean, invstd, weight, bias);
+      const int64_t col = cv * V;
+      for (int64_t r = lo + ty; r < hi; r += int64_t(by) * kUnroll) {
+        Pack<scalar_t, V> gv[kUnroll], xv[kUnroll];
+        bool ok[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t rr = r + int64_t(u) * by;
+          ok[u] = rr < hi;
+          if (ok[u]) {
+            gv[u] = load_pack<V>(dy + rr * C + col);
+            xv[u] = load_pack<V>(x + rr * C + col);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (ok[u]) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              const acc_t xm = acc_t(xv[u].v[j]) - k[j].m;
+              const acc_t g = k[j].grad(acc_t(gv[u].v[j]), xm, relu);
+              s1[j] += g;
+              s2[j] += g * xm;
+            }
+          }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      mine[j] = s1[j];
+      mine[V + j] = s2[j];
+    }
+    __syncthreads();
+    for (int rows = by; rows > 1;) {
+      const int half = (rows + 1) / 2;
+      if (ty < rows - half) {
+        const acc_t* other = sh + ((ty + half) * bx + tx) * kState;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          s1[j] += other[j];
+          s2[j] += other[V + j];
+          mine[j] = s1[j];
+          mine[V + j] = s2[j];
+        }
+      }
+      __syncthreads();
+      rows = half;
+    }
+    if (ty == 0 && active) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const int64_t c = cv * V + j;
+        if (splits == 1) {
+          sums[c] = s1[j];
+          sums[C + c] = acc_t(double(s2[j]) * double(invstd[c]));
+        } else {
+          partial[blockIdx.x * C + c] = s1[j];
+          partial[(splits + blockIdx.x) * C + c] = s2[j];
+        }
+      }
+    }
+    __syncthreads();  // `sh` is reused by the next channel tile
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    reduce_merge_kernel(const acc_t* __restrict__ partial, int64_t splits,
+                        int64_t C, const acc_t* __restrict__ invstd,
+                        acc_t* __restrict__ sums) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t(gridDim.x) * kThreads) >> 5;
+  for (int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> 5;
+       c < C; c += warps) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t j = lane; j < splits; j += 32) {
+      s1 += double(partial[j * C + c]);
+      s2 += double(partial[(splits + j) * C + c]);
+    }
+    warp_sum2(s1, s2);
+    if (lane == 0) {
+      sums[c] = acc_t(s1);
+      sums[C + c] = acc_t(s2 * double(invstd[c]));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Grad input: dx = k1 * (g - c1) + k2 * (x - mean) with k1 = weight * invstd,
+// c1 = scale * sum_dy, k2 = -k1 * scale * invstd * sum_dy_xhat; `scale` is
+// read from device memory (the output of finalize).
+
+template <typename acc_t>
+struct DataConsts {
+  acc_t m, k1, c1, k2, b;
+  __device__ __forceinline__ void load(int64_t c, int64_t C, acc_t a,
+                                       const acc_t* mean,
+                                       const acc_t* invstd,
+                                       const acc_t* weight,
+                                       const acc_t* bias,
+                                       const acc_t* sums) {
+    const acc_t is = invstd[c];
+    m = mean[c];
+    k1 = weight != nullptr ? weight[c] * is : is;
+    c1 = a * sums[c];
+    k2 = -k1 * a * is * sums[C + c];
+    b = bias != nullptr ? bias[c] : acc_t(0);
+  }
+  template <typename scalar_t>
+  __device__ __forceinline__ scalar_t apply(scalar_t dy, scalar_t x,
+                                            bool relu) const {
+    const acc_t xm = acc_t(x) - m;
+    // The forward output (x - m) * k1 + b decides the ReLU mask.
+    const acc_t g =
+        (relu && !(xm * k1 + b > acc_t(0))) ? acc_t(0) : acc_t(dy);
+    return scalar_t(k1 * (g - c1) + k2 * xm);
+  }
+};
+
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    data_planar_kernel(const scalar_t* __restrict__ dy,
+                       const scalar_t* __restrict__ x,
+                       scalar_t* __restrict__ dx, int64_t numel, int64_t C,
+                       int64_t S, FlatStep st, const acc_t* __restrict__ mean,
+                       const acc_t* __restrict__ invstd,
+                       const acc_t* __restrict__ weight,
+                       const acc_t* __restrict__ bias,
+                       const acc_t* __restrict__ sums,
+                       const acc_t* __restrict__ scale, bool relu) {
+  const int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t body = numel - numel % V;
+  const acc_t a = scale[0];
+  int64_t i = tid * V;
+  int64_t s = 0, c = 0;
+  if (i < body) {
+    const int64_t p = i / S;
+    s = i - p * S;
+    c = p % C;
+  }
+  DataConsts<acc_t> k;
+  int64_t loaded = -1;
+  for (; i < body; i += st.step) {
+    const Pack<scalar_t, V> gv = load_pack<V>(dy + i);
+    const Pack<scalar_t, V> xv = load_pack<V>(x + i);
+    Pack<scalar_t, V> out;
+    if (s + V <= S) {
+      if (c != loaded) {
+        k.load(c, C, a, mean, invstd, weight, bias, sums);
+        loaded = c;
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) out.v[j] = k.apply(gv.v[j], xv.v[j], relu);
+    } else {
+      int64_t sj = s, cj = c;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (sj == S) {
+          sj = 0;
+          cj = cj + 1 == C ? 0 : cj + 1;
+        }
+        if (cj != loaded) {
+          k.load(cj, C, a, mean, invstd, weight, bias, sums);
+          loaded = cj;
+        }
+        out.v[j] = k.apply(gv.v[j], xv.v[j], relu);
+        ++sj;
+      }
+    }
+    store_pack<V>(dx + i, out);
+    s += st.ds;
+    c += st.dc;
+    if (s >= S) {
+      s -= S;
+      ++c;
+    }
+    if (c >= C) c -= C;
+  }
+  if (tid < numel - body) {
+    const int64_t e = body + tid;
+    k.load((e / S) % C, C, a, mean, invstd, weight, bias, sums);
+    dx[e] = k.apply(dy[e], x[e], relu);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    data_rows_kernel(const scalar_t* __restrict__ dy,
+                     const scalar_t* __restrict__ x,
+                     scalar_t* __restrict__ dx, int64_t M, int64_t C,
+                     const acc_t* __restrict__ mean,
+                     const acc_t* __restrict__ invstd,
+                     const acc_t* __restrict__ weight,
+                     const acc_t* __restrict__ bias,
+                     const acc_t* __restrict__ sums,
+                     const acc_t* __restrict__ scale, bool relu) {
+  const int64_t Cv = C / V;
+  const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
+  const acc_t a = scale[0];
+  for (int64_t cv = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; cv < Cv;
+       cv += int64_t(gridDim.y) * blockDim.x) {
+    DataConsts<acc_t> k[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      k[j].load(cv * V + j, C, a, mean, invstd, weight, bias, sums);
+    for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < M;
+         r += row_step) {
+      const int64_t off = r * C + cv * V;
+      const Pack<scalar_t, V> gv = load_pack<V>(dy + off);
+      const Pack<scalar_t, V> xv = load_pack<V>(x + off);
+      Pack<scalar_t, V> out;
+#pragma unroll
+      for (int j = 0; j < V; ++j) out.v[j] = k[j].apply(gv.v[j], xv.v[j], relu);
+      store_pack<V>(dx + off, out);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace mmsync

@@ -1,0 +1,216 @@
+// Device helpers of the sync_bn CUDA kernels: aligned vector loads, cursors
+// over PLANAR tensors (N x C x S contiguous), and Welford/Chan merges of
+// per-thread moments in registers, across a warp and across a block.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../sync_bn_common.h"
+
+namespace mmsync {
+namespace cuda {
+
+// Threads of every 1-D block; 2-D (ROWS) blocks hold at most as many.
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Vectors (PLANAR) or rows (ROWS) a reduction thread loads before it uses
+// any of them: enough bytes in flight to cover the memory latency.
+constexpr int kUnroll = 4;
+
+// V elements loaded or stored as one access (16 bytes at most).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
+  *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+
+// A per-thread walk over the N * S elements of channel c of a PLANAR tensor,
+// V at a time with a fixed stride: `i` indexes the channel's elements as if
+// they were contiguous, `off` is their offset in memory. Computed once on the
+// host, the stride needs no division on the device.
+struct CursorStep {
+  int64_t step;  // elements between two visits of one thread
+  int64_t ds;    // step % S
+  int64_t jump;  // memory offset of a step that stays in the plane
+  int64_t wrap;  // extra offset when the step crosses into the next plane
+};
+
+struct PlaneCursor {
+  int64_t i, s, off;
+  __device__ __forceinline__ PlaneCursor(int64_t i0, int64_t c, int64_t C,
+                                         int64_t S) {
+    const int64_t n = i0 / S;
+    i = i0;
+    s = i0 - n * S;
+    off = (n * C + c) * S + s;
+  }
+  __device__ __forceinline__ void advance(const CursorStep& st, int64_t S) {
+    i += st.step;
+    s += st.ds;
+    off += st.jump;
+    if (s >= S) {
+      s -= S;
+      off += st.wrap;
+    }
+  }
+};
+
+// Stride of the flat elementwise kernels over a PLANAR tensor: they track the
+// channel (i / S) % C of element i incrementally, with no division.
+struct FlatStep {
+  int64_t step;  // elements between two visits of one thread
+  int64_t ds;    // step % S
+  int64_t dc;    // (step / S) % C
+};
+
+// Merges the moments of `valid` values v[0..valid) into (n, mean, m2): their
+// own mean and M2 in registers first (exact two-pass), then one Chan merge,
+// so the division of the merge is paid once per K values.
+template <int K, typename acc_t>
+__device__ __forceinline__ void welford_add(acc_t& n, acc_t& mean, acc_t& m2,
+                                            const acc_t (&v)[K], int valid) {
+  acc_t mb, m2b = acc_t(0);
+  if (valid == K) {
+    acc_t sum = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < K; ++j) sum += v[j];
+    mb = sum * (acc_t(1) / acc_t(K));
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const acc_t d = v[j] - mb;
+      m2b += d * d;
+    }
+  } else {
+    if (valid <= 0) return;
+    acc_t sum = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+      if (j < valid) sum += v[j];
+    mb = sum / acc_t(valid);
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+      if (j < valid) {
+        const acc_t d = v[j] - mb;
+        m2b += d * d;
+      }
+  }
+  chan_merge(n, mean, m2, acc_t(valid), mb, m2b);
+}
+
+// ROWS variant: V channels that share the row count, `valid` rows of U.
+template <int U, int V, typename acc_t>
+__device__ __forceinline__ void welford_add_rows(acc_t& n, acc_t (&mean)[V],
+                                                 acc_t (&m2)[V],
+                                                 const acc_t (&v)[U][V],
+                                                 int valid) {
+  if (valid <= 0) return;
+  const acc_t nb = acc_t(valid);
+  const acc_t inv_nb = valid == U ? acc_t(1) / acc_t(U) : acc_t(1) / nb;
+  const acc_t n_ab = n + nb;
+  const acc_t frac = nb / n_ab;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    acc_t sum = acc_t(0);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (u < valid) sum += v[u][j];
+    const acc_t mb = sum * inv_nb;
+    acc_t m2b = acc_t(0);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (u < valid) {
+        const acc_t d = v[u][j] - mb;
+        m2b += d * d;
+      }
+    const acc_t delta = mb - mean[j];
+    mean[j] += delta * frac;
+    m2[j] += m2b + delta * delta * n * frac;
+  }
+  n = n_ab;
+}
+
+// Chan merge across the 32 lanes of a warp; lane 0 holds the result.
+template <typename T>
+__device__ __forceinline__ void warp_welford(T& n, T& mean, T& m2) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const T nb = __shfl_down_sync(0xffffffffu, n, off);
+    const T mb = __shfl_down_sync(0xffffffffu, mean, off);
+    const T m2b = __shfl_down_sync(0xffffffffu, m2, off);
+    chan_merge(n, mean, m2, nb, mb, m2b);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void warp_sum2(T& a, T& b) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, off);
+    b += __shfl_down_sync(0xffffffffu, b, off);
+  }
+}
+
+// Merges over a 1-D block of kThreads threads; thread 0 holds the result.
+// Ends with a barrier, so a loop may call it again at once.
+template <typename T>
+__device__ __forceinline__ void block_welford(T& n, T& mean, T& m2) {
+  __shared__ T sh[3][kWarps];
+  warp_welford(n, mean, m2);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    sh[0][warp] = n;
+    sh[1][warp] = mean;
+    sh[2][warp] = m2;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    n = lane < kWarps ? sh[0][lane] : T(0);
+    mean = lane < kWarps ? sh[1][lane] : T(0);
+    m2 = lane < kWarps ? sh[2][lane] : T(0);
+    warp_welford(n, mean, m2);
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__device__ __forceinline__ void block_sum2(T& a, T& b) {
+  __shared__ T sh[2][kWarps];
+  warp_sum2(a, b);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    sh[0][warp] = a;
+    sh[1][warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < kWarps ? sh[0][lane] : T(0);
+    b = lane < kWarps ? sh[1][lane] : T(0);
+    warp_sum2(a, b);
+  }
+  __syncthreads();
+}
+
+// Writes channel c of the packed statistics buffer (see sync_bn_common.h)
+// from its local moments.
+__device__ __forceinline__ void write_packed(double* packed, int64_t C,
+                                             int64_t c, double weight,
+                                             double n, double mean,
+                                             double m2) {
+  const double var = n > 0.0 ? m2 / n : 0.0;
+  packed[kStatsHeader + c] = weight * mean;
+  packed[kStatsHeader + C + c] = weight * (var + mean * mean);
+}
+
+}  // namespace cuda
+}  // namespace mmsync

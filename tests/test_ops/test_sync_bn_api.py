@@ -1,0 +1,309 @@
+"""MMSyncBN's contract beyond the numbers: ops, autograd, errors, compile."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from dist_utils import run_distributed
+from torch.library import opcheck
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmsync.ops import SyncBatchNorm
+
+ops = torch.ops.mmsync
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _layouts(x):
+    yield 'contiguous', x.contiguous()
+    if x.dim() == 4:
+        yield 'channels_last', x.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        yield 'channels_last_3d', x.contiguous(
+            memory_format=torch.channels_last_3d)
+    if x.dim() >= 3:
+        yield 'transposed', x.transpose(-1, -2)
+
+
+def sample_inputs(dtype):
+    """(name, input) pairs over dims 2-5 and every layout."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((7, 3), (4, 3, 5), (2, 3, 4, 5), (2, 3, 2, 3, 4)):
+        x = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        for layout, xl in _layouts(x):
+            yield f'{x.dim()}d-{layout}', xl
+
+
+class TestOps:
+    """Each op passes torch.library.opcheck (schema, fake, autograd)."""
+
+    @pytest.mark.parametrize('dtype', DTYPES, ids=str)
+    @pytest.mark.parametrize('relu', (False, True))
+    def test_opcheck(self, dtype, relu):
+        for _, x in sample_inputs(dtype):
+            C = x.size(1)
+            w = torch.rand(C, dtype=torch.float32) + 0.5
+            b = torch.randn(C, dtype=torch.float32)
+            rm, rv = torch.zeros(C), torch.ones(C)
+            nbt = torch.tensor(3)
+            stats = ops.sync_bn_forward_stats(x, True)
+            count = x.numel() // C
+            opcheck(ops.sync_bn_forward_stats, (x, False))
+            opcheck(
+                ops.sync_bn_forward_finalize,
+                (stats, rm, rv, nbt, None, 1e-5, count, True, torch.float64))
+            mean, invstd, scale = ops.sync_bn_forward_finalize(
+                stats, None, None, None, 0.1, 1e-5, count, True, torch.float64)
+            opcheck(ops.sync_bn_forward_output, (x, mean, invstd, w, b, relu))
+            dy = torch.randn_like(x)
+            opcheck(ops.sync_bn_backward_reduce,
+                    (dy, x, mean, invstd, w, b, relu))
+            sums = ops.sync_bn_backward_reduce(dy, x, mean, invstd, w, b, relu)
+            opcheck(ops.sync_bn_backward_data,
+                    (dy, x, mean, invstd, None, None, sums, scale, relu))
+
+    def test_stats_buffer(self):
+        """The packed buffer holds [w, n, w*mean, w*(var + mean^2)]."""
+        x = torch.randn(5, 2, 7, dtype=torch.float64) * 3 + 1
+        mean = x.mean((0, 2))
+        var = x.var((0, 2), unbiased=False)
+        for by_count, w in ((True, 35.0), (False, 1.0)):
+            stats = ops.sync_bn_forward_stats(x, by_count)
+            want = torch.cat([
+                torch.tensor([w, 35.0], dtype=torch.float64), w * mean,
+                w * (var + mean**2)
+            ])
+            torch.testing.assert_close(stats, want, rtol=1e-12, atol=1e-12)
+        empty = ops.sync_bn_forward_stats(x[:0], True)
+        assert empty.tolist() == [0.0] * 6
+
+    def test_stats_large_planes_and_rows(self):
+        """Chunked planes and row groups merge to the exact moments."""
+        gen = torch.Generator().manual_seed(1)
+        for x in (torch.randn(2, 2, 10001, generator=gen),
+                  torch.randn(3, 5, 70, 90, generator=gen).contiguous(
+                      memory_format=torch.channels_last),
+                  torch.randn(40000, 6, generator=gen),
+                  torch.randn(9, 1500, generator=gen)):
+            stats = ops.sync_bn_forward_stats(x, True)
+            C = x.size(1)
+            dims = [0] + list(range(2, x.dim()))
+            x64 = x.double()
+            torch.testing.assert_close(
+                stats[2:2 + C] / stats[0], x64.mean(dims), rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                stats[2 + C:] / stats[0] - (stats[2:2 + C] / stats[0])**2,
+                x64.var(dims, unbiased=False),
+                rtol=1e-5,
+                atol=1e-6)
+
+    def test_bad_op_arguments(self):
+        x = torch.randn(4, 3, 5)
+        with pytest.raises(RuntimeError, match='floating point input'):
+            ops.sync_bn_forward_stats(x.long(), True)
+        with pytest.raises(RuntimeError, match='2 or more dimensions'):
+            ops.sync_bn_forward_stats(torch.randn(5), True)
+        mean, invstd = torch.zeros(4, dtype=torch.float64), torch.ones(4)
+        with pytest.raises(RuntimeError, match=r'mean must have shape'):
+            ops.sync_bn_forward_output(x, mean, invstd, None, None, False)
+        with pytest.raises(RuntimeError, match='stats must be the float64'):
+            ops.sync_bn_forward_finalize(
+                torch.zeros(5), None, None, None, 0.1, 1e-5, 1, True,
+                torch.float64)
+
+
+class TestModule:
+    """The nn.Module: construction, state, errors and autograd."""
+
+    def test_is_a_batchnorm_with_bn_state_dict(self):
+        layer = SyncBatchNorm(8)
+        assert isinstance(layer, _BatchNorm)
+        assert layer.state_dict().keys() == nn.BatchNorm2d(
+            8).state_dict().keys()
+        layer.load_state_dict(nn.BatchNorm2d(8).state_dict())
+        text = repr(SyncBatchNorm(8, stats_mode='N', act='relu'))
+        assert 'group_size=1' in text and "stats_mode='N'" in text
+        assert "act='relu'" in text
+
+    def test_constructor_errors(self):
+        with pytest.raises(
+                ValueError,
+                match=r"stats_mode must be one of "
+                r"\('default', 'N'\), got 'sum'"):
+            SyncBatchNorm(4, stats_mode='sum')
+        with pytest.raises(ValueError, match='act must be'):
+            SyncBatchNorm(4, act='gelu')
+
+    @pytest.mark.parametrize('x, error, match', [
+        (torch.randn(5), ValueError, 'at least 2 dimensions'),
+        (torch.randn(2, 5, 3), ValueError, 'num_features=4'),
+        (torch.ones(2, 4, 3, dtype=torch.int64), TypeError, 'torch.int64'),
+        (torch.ones(2, 4, 3, dtype=torch.complex64), TypeError, 'complex64'),
+    ])
+    def test_bad_input(self, x, error, match):
+        with pytest.raises(error, match=match):
+            SyncBatchNorm(4)(x)
+
+    def test_one_value_per_channel(self):
+        with pytest.raises(ValueError, match='more than 1 value per channel'):
+            SyncBatchNorm(3)(torch.randn(1, 3))
+        with pytest.raises(ValueError, match='more than 1 value per channel'):
+            F.batch_norm(torch.randn(1, 3), None, None, training=True)
+
+    def test_empty_batch(self):
+        """As F.batch_norm: empty output, zero grads, stats unchanged."""
+        layer = SyncBatchNorm(3)
+        x = torch.randn(0, 3, 4, requires_grad=True)
+        y = layer(x)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert layer.weight.grad.eq(0).all() and layer.bias.grad.eq(0).all()
+        assert layer.running_mean.eq(0).all()
+        assert layer.running_var.eq(1).all()
+
+    @pytest.mark.parametrize('stats_mode', ('default', 'N'))
+    @pytest.mark.parametrize('act', (None, 'relu'))
+    def test_gradcheck(self, stats_mode, act):
+        layer = SyncBatchNorm(3, stats_mode=stats_mode, act=act).double()
+        x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+        w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+        b = torch.randn(3, dtype=torch.float64).requires_grad_()
+
+        def fn(x, w, b):
+            return torch.func.functional_call(layer, {
+                'weight': w,
+                'bias': b
+            }, (x, ))
+
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+
+    @pytest.mark.parametrize('dtype', DTYPES, ids=str)
+    def test_fused_relu(self, dtype):
+        """act='relu' equals BN followed by ReLU, forward and backward."""
+        for _, x in sample_inputs(dtype):
+            C = x.size(1)
+            fused = SyncBatchNorm(C, act='relu')
+            with torch.no_grad():
+                fused.weight.uniform_(0.5, 1.5)
+                fused.bias.uniform_(-1, 1)
+            plain = copy.deepcopy(fused)
+            plain.act = None
+            x1 = x.detach().clone().requires_grad_()
+            x2 = x.detach().clone().requires_grad_()
+            y1 = fused(x1)
+            y2 = F.relu(plain(x2))
+            dy = torch.randn_like(y1)
+            y1.backward(dy)
+            y2.backward(dy)
+            tol = dict(
+                float64=1e-12, float32=1e-5)[str(dtype)[6:]] if (dtype in (
+                    torch.float64, torch.float32)) else 2e-2
+            torch.testing.assert_close(y1, y2, rtol=tol, atol=tol)
+            torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
+            torch.testing.assert_close(
+                fused.weight.grad, plain.weight.grad, rtol=tol, atol=tol)
+
+    def test_saves_nothing_of_input_size_but_the_input(self):
+        x = torch.randn(8, 16, 10, 10, requires_grad=True)
+        layer = SyncBatchNorm(16)
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        big = [t for t in saved if t.numel() >= x.numel()]
+        assert len(big) == 1 and big[0] is x
+        assert sum(t.numel() for t in saved if t is not x) <= 6 * 16 + 1
+
+    def test_momentum_none_is_cumulative_average(self):
+        layer = SyncBatchNorm(2, momentum=None)
+        ref = nn.BatchNorm2d(2, momentum=None)
+        for _ in range(4):
+            x = torch.randn(3, 2, 4, 4)
+            layer(x)
+            ref(x)
+        torch.testing.assert_close(layer.running_mean, ref.running_mean)
+        torch.testing.assert_close(layer.running_var, ref.running_var)
+        assert layer.num_batches_tracked.item() == 4
+
+    def test_torch_compile_fullgraph(self):
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3), SyncBatchNorm(8, act='relu'),
+            nn.Conv2d(8, 4, 1), SyncBatchNorm(4, stats_mode='N'))
+        compiled_model = copy.deepcopy(model)
+        x = torch.randn(4, 3, 10, 10)
+        want = model(x)
+        want.square().sum().backward()
+        compiled = torch.compile(compiled_model, fullgraph=True)
+        got = compiled(x)
+        got.square().sum().backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for p, q in zip(compiled_model.parameters(), model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+
+
+def _gradcheck_world(rank, world_size):
+    """gradcheck of rank 0's input at an unequal split (3 vs 5 samples).
+
+    Both ranks call gradcheck on inputs of one shape, so they run the same
+    sequence of collectives; rank 1 feeds the layer constants (its own
+    perturbations do nothing) and passes a zero upstream gradient, so the
+    Jacobian checked on rank 0 is exactly rank 0's.
+    """
+    torch.manual_seed(rank)
+    layer = SyncBatchNorm(3, stats_mode='N').double()
+    x = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
+    const = torch.randn(5, 3, 4, dtype=torch.float64)
+    if rank == 0:
+        fn = layer
+    else:
+
+        def fn(x):
+            inputs = torch.cat([x * 0 + const[:3], const[3:]])
+            return layer(inputs)[:3] * 0
+
+    return torch.autograd.gradcheck(fn, (x, ))
+
+
+def _errors_world(rank, world_size):
+    """Bad input raises the same error on every rank, and nothing hangs."""
+    layer = SyncBatchNorm(3, stats_mode='N')
+    raised = []
+    for bad in (torch.randn(5), torch.randn(4, 2, 3),
+                torch.ones(4, 3, dtype=torch.int32)):
+        try:
+            layer(bad)
+        except (ValueError, TypeError) as e:
+            raised.append(type(e).__name__)
+    # The whole group holds one value per channel: every rank raises.
+    try:
+        layer(torch.randn(1 if rank == 0 else 0, 3))
+    except ValueError as e:
+        raised.append(str(e).split(',')[0])
+    # The group still works afterwards: no rank is left in a collective.
+    x = torch.randn(2 + rank, 3, 4, requires_grad=True)
+    layer(x).sum().backward()
+    # An all-empty group behaves as F.batch_norm on an empty batch.
+    before = layer.running_mean.clone()
+    y = layer(torch.randn(0, 3, 4, requires_grad=True))
+    y.sum().backward()
+    raised.append(
+        (tuple(y.shape), bool(torch.equal(before, layer.running_mean))))
+    return raised
+
+
+def test_gradcheck_world_two():
+    assert run_distributed(_gradcheck_world, 2) == [True, True]
+
+
+def test_errors_world_two():
+    want = [
+        'ValueError', 'ValueError', 'TypeError',
+        'Expected more than 1 value per channel when training',
+        ((0, 3, 4), True)
+    ]
+    assert run_distributed(_errors_world, 2) == [want, want]
