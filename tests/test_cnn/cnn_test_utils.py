@@ -1,7 +1,8 @@
 """Helpers of tests/test_cnn: a toy model built from norm_cfg, gloo spawning.
 
-The model is registered in mmsync's MODELS as 'CnnTestToyNet', so configs
-refer to it as ``type='mmsync.CnnTestToyNet'``.
+The model and data set are registered in mmsync's MODELS and DATASETS as
+'CnnTestToyNet' and 'CnnTestToyDataset', so configs refer to them as
+``type='mmsync.CnnTestToyNet'``.
 """
 import datetime
 import io
@@ -18,9 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModel
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import Dataset
 
 from mmsync.cnn import build_norm_layer
-from mmsync.registry import MODELS
+from mmsync.registry import DATASETS, MODELS
 
 PG_TIMEOUT = datetime.timedelta(seconds=60)
 
@@ -86,6 +88,23 @@ def toy_batch(num: int, seed: int = 0, dtype=torch.float64) -> Dict:
     inputs = torch.randn(num, 3, 5, 5, generator=gen, dtype=dtype) * 2 + 1
     labels = torch.randint(0, 3, (num, ), generator=gen)
     return dict(inputs=inputs, labels=labels)
+
+
+class CnnTestToyDataset(Dataset):
+    """The samples of ``toy_batch(num)`` in float32, as dicts."""
+
+    def __init__(self, num: int = 4):
+        self.batch = toy_batch(num, dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.batch['labels'])
+
+    def __getitem__(self, index: int) -> Dict:
+        return {k: v[index] for k, v in self.batch.items()}
+
+
+DATASETS.register_module(
+    name='CnnTestToyDataset', module=CnnTestToyDataset, force=True)
 
 
 def free_port() -> int:

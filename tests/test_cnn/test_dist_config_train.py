@@ -91,7 +91,7 @@ def _train_worker(rank: int, world_size: int, mmsync_cfg_path: str,
         loss=_scalar(log_vars['loss']),
         norms=[type(m).__name__ for m in norms],
         is_mmsync=[isinstance(m, SyncBatchNorm) for m in norms],
-        group_size=[m.group_size for m in norms],
+        group_size=[getattr(m, 'group_size', None) for m in norms],
         wrapper=type(runner.model).__name__)
     return dict(from_config=from_config, from_runner=from_runner)
 
