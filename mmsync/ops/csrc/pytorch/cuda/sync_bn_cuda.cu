@@ -1,0 +1,604 @@
+// CUDA launchers of the sync_bn ops (schemas in ../sync_bn.cpp, semantics of
+// cpu/sync_bn_cpu.cpp). Inputs are PLANAR (N x C x S contiguous) or ROWS
+// (N*S rows of C channels); nothing here reads device memory from the host.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <initializer_list>
+#include <tuple>
+#include <type_traits>
+
+#include "../../common/cuda/sync_bn_cuda_kernel.cuh"
+#include "../sync_bn_utils.h"
+
+namespace mmsync {
+namespace {
+
+using at::Tensor;
+using cuda::kThreads;
+using cuda::kUnroll;
+
+// Reduction blocks resident per SM (256 threads, <= 64 registers each): the
+// reduction grids aim at one full wave.
+constexpr int64_t kReduceBlocksPerSM = 4;
+// Elementwise grids are grid-stride loops of this many blocks per SM.
+constexpr int64_t kElementwiseBlocksPerSM = 8;
+// Elements (PLANAR) or rows (ROWS) of one channel in one reduction block:
+// keeps float32 counts exact (< 2^24).
+constexpr int64_t kMaxBlockCount = int64_t(1) << 22;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int sm_count() {
+  static std::atomic<int> cache[256];
+  const int dev = c10::cuda::current_device();
+  if (dev >= 0 && dev < 256) {
+    const int known = cache[dev].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int sms = 0;
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  sms = std::max(sms, 1);
+  if (dev >= 0 && dev < 256) cache[dev].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+bool aligned_to(const void* p, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
+}
+
+// Widest vector of vmax, vmax / 2 or 1 elements that divides `extent` and
+// to which every pointer is aligned (vmax / 2 skipped unless `halves`).
+int pick_vec(int vmax, int64_t elem_size, int64_t extent,
+             std::initializer_list<const void*> ptrs, bool halves) {
+  for (int v = vmax; v > 1; v /= 2) {
+    bool ok = extent % v == 0;
+    for (const void* p : ptrs) ok = ok && aligned_to(p, v * elem_size);
+    if (ok) return v;
+    if (!halves) break;
+  }
+  return 1;
+}
+
+// Calls f(std::integral_constant<int, V>) for V in {VMAX, VMAX / 2, 1}.
+template <int VMAX, typename F>
+void with_vec3(int v, F&& f) {
+  constexpr int kHalfVec = VMAX / 2 > 1 ? VMAX / 2 : 1;
+  if (v == VMAX)
+    f(std::integral_constant<int, VMAX>());
+  else if (v == kHalfVec)
+    f(std::integral_constant<int, kHalfVec>());
+  else
+    f(std::integral_constant<int, 1>());
+}
+
+// Calls f(std::integral_constant<int, V>) for V in {VMAX, 1}.
+template <int VMAX, typename F>
+void with_vec2(int v, F&& f) {
+  if (v == VMAX)
+    f(std::integral_constant<int, VMAX>());
+  else
+    f(std::integral_constant<int, 1>());
+}
+
+template <typename scalar_t>
+constexpr int vec_max() {
+  return int(16 / sizeof(scalar_t));
+}
+
+// PLANAR reduction grid: (splits, channels); each block reduces per_block
+// elements of one channel.
+struct PlanarPlan {
+  int64_t splits, per_block, grid_c;
+  cuda::CursorStep step;
+};
+
+PlanarPlan plan_planar(const Geometry& g, int V) {
+  PlanarPlan p;
+  const int64_t M = g.N * g.S, Mv = M / V;
+  p.grid_c = std::min<int64_t>(g.C, 65535);
+  int64_t splits = ceil_div(int64_t(sm_count()) * kReduceBlocksPerSM,
+                            p.grid_c);
+  splits = std::min(splits,
+                    std::max<int64_t>(1, Mv / (int64_t(kThreads) * kUnroll)));
+  splits = std::max(splits, ceil_div(M, kMaxBlockCount));
+  p.per_block = ceil_div(Mv, splits) * V;
+  p.splits = ceil_div(M, p.per_block);
+  const int64_t step = int64_t(kThreads) * V;
+  const int64_t dn = step / g.S;
+  p.step.step = step;
+  p.step.ds = step - dn * g.S;
+  p.step.jump = dn * g.C * g.S + p.step.ds;
+  p.step.wrap = g.C * g.S - g.S;
+  return p;
+}
+
+// ROWS grid: blockDim (bx channel vectors, by rows), gridDim (row blocks,
+// channel tiles).
+struct RowsPlan {
+  int bx, by;
+  int64_t tiles, rows_per_block, row_blocks;
+};
+
+RowsPlan plan_rows(const Geometry& g, int V, bool reduction) {
+  RowsPlan p;
+  const int64_t Cv = g.C / V, M = g.rows();
+  if (Cv <= kThreads) {
+    p.bx = int(Cv);
+    p.tiles = 1;
+  } else {
+    const int64_t tiles = ceil_div(Cv, kThreads);
+    p.bx = int(std::min<int64_t>(kThreads, ceil_div(ceil_div(Cv, tiles), 32) * 32));
+    p.tiles = ceil_div(Cv, p.bx);
+  }
+  p.by = std::max(1, kThreads / p.bx);
+  const int64_t grid_t = std::min<int64_t>(p.tiles, 65535);
+  if (reduction) {
+    int64_t splits =
+        ceil_div(int64_t(sm_count()) * kReduceBlocksPerSM, grid_t);
+    splits = std::min(
+        splits, std::max<int64_t>(1, M / (int64_t(p.by) * kUnroll * 2)));
+    splits = std::max(splits, ceil_div(M, kMaxBlockCount));
+    p.rows_per_block = ceil_div(M, splits);
+    p.row_blocks = ceil_div(M, p.rows_per_block);
+  } else {
+    p.rows_per_block = p.by;
+    p.row_blocks = std::max<int64_t>(
+        1, std::min(ceil_div(M, p.by),
+                    int64_t(sm_count()) * kElementwiseBlocksPerSM / grid_t));
+  }
+  p.tiles = grid_t;
+  return p;
+}
+
+// Flat PLANAR elementwise grid and its stride in (plane position, channel).
+struct FlatPlan {
+  int64_t blocks;
+  cuda::FlatStep step;
+};
+
+FlatPlan plan_flat(const Geometry& g, int V) {
+  FlatPlan p;
+  p.blocks = std::max<int64_t>(
+      1, std::min(ceil_div(ceil_div(g.numel(), V), kThreads),
+                  int64_t(sm_count()) * kElementwiseBlocksPerSM));
+  const int64_t step = p.blocks * kThreads * V;
+  const int64_t dn = step / g.S;
+  p.step.step = step;
+  p.step.ds = step - dn * g.S;
+  p.step.dc = dn % g.C;
+  return p;
+}
+
+// A per-channel tensor as a contiguous acc_t vector, or null when absent.
+Tensor optional_vector(const c10::optional<Tensor>& t, const char* name,
+                       const Tensor& input, at::ScalarType acc) {
+  if (t.has_value() && t->defined())
+    return channel_vector(*t, name, input, acc);
+  return Tensor();
+}
+
+template <typename T>
+const T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+void check_cuda(const Tensor& t, const char* op) {
+  TORCH_CHECK(t.is_cuda(), op, ": expected a CUDA tensor, got one on ",
+              t.device());
+}
+
+Tensor check_grad_output(const Tensor& grad_output, const Tensor& input,
+                         Layout layout, const char* op) {
+  TORCH_CHECK(grad_output.sizes() == input.sizes() &&
+                  grad_output.scalar_type() == input.scalar_type(),
+              op, ": grad_output must match input in shape and dtype, got ",
+              grad_output.sizes(), " ", grad_output.scalar_type(), " vs ",
+              input.sizes(), " ", input.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), op,
+              ": grad_output is on ", grad_output.device(),
+              " but input is on ", input.device());
+  return to_layout(grad_output, layout);
+}
+
+// ---------------------------------------------------------------------------
+
+template <typename scalar_t>
+void launch_stats(const Tensor& input, const Geometry& g, double weight,
+                  Tensor& stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VMAX = vec_max<scalar_t>();
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  double* packed = stats.data_ptr<double>();
+  const double count = double(g.rows());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto acc_opts = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  Tensor partial;
+  int64_t splits = 1;
+  if (g.layout == Layout::kPlanar) {
+    const int v = pick_vec(VMAX, sizeof(scalar_t), g.S, {x}, true);
+    with_vec3<VMAX>(v, [&](auto vc) {
+      constexpr int V = decltype(vc)::value;
+      const PlanarPlan p = plan_planar(g, V);
+      splits = p.splits;
+      if (splits > 1) partial = at::empty({3 * splits * g.C}, acc_opts);
+      cuda::stats_planar_kernel<scalar_t, acc_t, V>
+          <<<dim3(unsigned(p.splits), unsigned(p.grid_c)), kThreads, 0,
+             stream>>>(x, g.C, g.S, g.N * g.S, p.per_block, p.step,
+                       splits > 1 ? partial.data_ptr<acc_t>() : nullptr,
+                       packed, weight, count);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {
+    const int v = pick_vec(VMAX, sizeof(scalar_t), g.C, {x}, true);
+    with_vec3<VMAX>(v, [&](auto vc) {
+      constexpr int V = decltype(vc)::value;
+      const RowsPlan p = plan_rows(g, V, true);
+      splits = p.row_blocks;
+      if (splits > 1) partial = at::empty({3 * splits * g.C}, acc_opts);
+      const size_t smem = size_t(p.bx) * p.by * (2 * V + 1) * sizeof(acc_t);
+      cuda::stats_rows_kernel<scalar_t, acc_t, V>
+          <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
+             dim3(unsigned(p.bx), unsigned(p.by)), smem, stream>>>(
+              x, g.rows(), g.C, p.rows_per_block,
+              splits > 1 ? partial.data_ptr<acc_t>() : nullptr, packed,
+              weight, count);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (splits > 1) {
+    const int64_t blocks =
+        std::min<int64_t>(ceil_div(g.C, cuda::kWarps), 65535);
+    cuda::stats_merge_kernel<acc_t><<<unsigned(blocks), kThreads, 0, stream>>>(
+        partial.const_data_ptr<acc_t>(), splits, g.C, packed, weight, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+Tensor forward_stats_cuda(const Tensor& input_, bool weight_by_count) {
+  check_input(input_);
+  check_cuda(input_, "sync_bn_forward_stats");
+  const c10::cuda::CUDAGuard guard(input_.device());
+  Layout layout;
+  const Tensor input = as_kernel_layout(input_, &layout);
+  const Geometry g = geometry_of(input, layout);
+  const auto opts = input.options().dtype(at::kDouble);
+  const int64_t count = g.rows();
+  if (count == 0 || g.C == 0)
+    return at::zeros({2 * g.C + kStatsHeader}, opts);
+  Tensor stats = at::empty({2 * g.C + kStatsHeader}, opts);
+  const double weight = weight_by_count ? double(count) : 1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_stats_cuda",
+      [&] { launch_stats<scalar_t>(input, g, weight, stats); });
+  return stats;
+}
+
+// ---------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> forward_finalize_cuda(
+    const Tensor& stats_, const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var,
+    const c10::optional<Tensor>& num_batches_tracked,
+    c10::optional<double> momentum, double eps, int64_t count,
+    bool weight_by_count, at::ScalarType dtype) {
+  TORCH_CHECK(stats_.scalar_type() == at::kDouble && stats_.dim() == 1 &&
+                  stats_.size(0) >= kStatsHeader &&
+                  (stats_.size(0) - kStatsHeader) % 2 == 0,
+              "sync_bn_forward_finalize: stats must be the float64 (2C+2,) "
+              "buffer of sync_bn_forward_stats, got ",
+              stats_.scalar_type(), " ", stats_.sizes());
+  check_cuda(stats_, "sync_bn_forward_finalize");
+  const c10::cuda::CUDAGuard guard(stats_.device());
+  const Tensor stats = stats_.contiguous();
+  const int64_t C = (stats.size(0) - kStatsHeader) / 2;
+  // Kernels write float32 or float64; other requested dtypes are cast after.
+  const at::ScalarType out_type =
+      dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = stats.options().dtype(out_type);
+  Tensor mean = at::empty({C}, opts), invstd = at::empty({C}, opts),
+         scale = at::empty({1}, opts);
+
+  const bool has_running = running_mean.has_value() &&
+                           running_mean->defined() && running_var.has_value() &&
+                           running_var->defined();
+  Tensor rm, rv;  // what the kernel updates in place
+  bool copy_back = false;
+  if (has_running) {
+    TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C,
+                "sync_bn_forward_finalize: running_mean and running_var must "
+                "have C = ",
+                C, " elements");
+    TORCH_CHECK(running_mean->device() == stats.device() &&
+                    running_var->device() == stats.device(),
+                "sync_bn_forward_finalize: running stats must be on ",
+                stats.device());
+    rm = *running_mean;
+    rv = *running_var;
+    if (rm.scalar_type() != rv.scalar_type() || !rm.is_contiguous() ||
+        !rv.is_contiguous() || !at::isFloatingType(rm.scalar_type())) {
+      rm = running_mean->to(at::kDouble).contiguous();
+      rv = running_var->to(at::kDouble).contiguous();
+      copy_back = true;
+    }
+  }
+  Tensor tracked;
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    TORCH_CHECK(num_batches_tracked->numel() == 1 &&
+                    num_batches_tracked->device() == stats.device(),
+                "sync_bn_forward_finalize: num_batches_tracked must be one "
+                "element on ",
+                stats.device());
+    tracked = num_batches_tracked->to(at::kLong).contiguous();
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>(ceil_div(C, kThreads), 1024));
+  const at::ScalarType run_type =
+      has_running ? rm.scalar_type() : at::kDouble;
+  AT_DISPATCH_FLOATING_TYPES(out_type, "sync_bn_finalize_cuda", [&] {
+    using out_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, run_type, "sync_bn_finalize_cuda", [&] {
+          using run_t = scalar_t;
+          cuda::finalize_kernel<out_t, run_t>
+              <<<unsigned(blocks), kThreads, 0, stream>>>(
+                  stats.const_data_ptr<double>(), C, eps, count,
+                  weight_by_count,
+                  has_running ? rm.data_ptr<run_t>() : nullptr,
+                  has_running ? rv.data_ptr<run_t>() : nullptr,
+                  tracked.defined() ? tracked.const_data_ptr<int64_t>()
+                                    : nullptr,
+                  momentum.has_value(), momentum.value_or(0.0),
+                  mean.data_ptr<out_t>(), invstd.data_ptr<out_t>(),
+                  scale.data_ptr<out_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  });
+  if (copy_back) {
+    running_mean->copy_(rm);
+    running_var->copy_(rv);
+  }
+  if (out_type != dtype)
+    return {mean.to(dtype), invstd.to(dtype), scale.to(dtype)};
+  return {mean, invstd, scale};
+}
+
+// ---------------------------------------------------------------------------
+
+Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
+                           const Tensor& invstd_,
+                           const c10::optional<Tensor>& weight_,
+                           const c10::optional<Tensor>& bias_, bool relu) {
+  check_input(input_);
+  check_cuda(input_, "sync_bn_forward_output");
+  const c10::cuda::CUDAGuard guard(input_.device());
+  Layout layout;
+  const Tensor input = as_kernel_layout(input_, &layout);
+  const Geometry g = geometry_of(input, layout);
+  const auto acc = acc_type_of(input.scalar_type());
+  const Tensor mean = channel_vector(mean_, "mean", input, acc);
+  const Tensor invstd = channel_vector(invstd_, "invstd", input, acc);
+  const Tensor weight = optional_vector(weight_, "weight", input, acc);
+  const Tensor bias = optional_vector(bias_, "bias", input, acc);
+  Tensor output = empty_same_layout(input);
+  if (g.numel() == 0) return output;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_output_cuda",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int VMAX = vec_max<scalar_t>();
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        scalar_t* y = output.data_ptr<scalar_t>();
+        const acc_t* pm = mean.const_data_ptr<acc_t>();
+        const acc_t* pi = invstd.const_data_ptr<acc_t>();
+        const acc_t* pw = ptr_or_null<acc_t>(weight);
+        const acc_t* pb = ptr_or_null<acc_t>(bias);
+        if (layout == Layout::kPlanar) {
+          const int v = pick_vec(VMAX, sizeof(scalar_t), 1, {x, y}, false);
+          with_vec2<VMAX>(v, [&](auto vc) {
+            constexpr int V = decltype(vc)::value;
+            const FlatPlan p = plan_flat(g, V);
+            cuda::output_planar_kernel<scalar_t, acc_t, V>
+                <<<unsigned(p.blocks), kThreads, 0, stream>>>(
+                    x, y, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb, relu);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        } else {
+          const int v = pick_vec(VMAX, sizeof(scalar_t), g.C, {x, y}, true);
+          with_vec3<VMAX>(v, [&](auto vc) {
+            constexpr int V = decltype(vc)::value;
+            const RowsPlan p = plan_rows(g, V, false);
+            cuda::output_rows_kernel<scalar_t, acc_t, V>
+                <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
+                   dim3(unsigned(p.bx), unsigned(p.by)), 0, stream>>>(
+                    x, y, g.rows(), g.C, pm, pi, pw, pb, relu);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        }
+      });
+  return output;
+}
+
+// ---------------------------------------------------------------------------
+
+Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
+                            const Tensor& mean_, const Tensor& invstd_,
+                            const c10::optional<Tensor>& weight_,
+                            const c10::optional<Tensor>& bias_, bool relu) {
+  check_input(input_);
+  check_cuda(input_, "sync_bn_backward_reduce");
+  const c10::cuda::CUDAGuard guard(input_.device());
+  Layout layout;
+  const Tensor input = as_kernel_layout(input_, &layout);
+  const Tensor grad_output = check_grad_output(grad_output_, input, layout,
+                                               "sync_bn_backward_reduce");
+  const Geometry g = geometry_of(input, layout);
+  const auto acc = acc_type_of(input.scalar_type());
+  const Tensor mean = channel_vector(mean_, "mean", input, acc);
+  const Tensor invstd = channel_vector(invstd_, "invstd", input, acc);
+  const Tensor weight = optional_vector(weight_, "weight", input, acc);
+  const Tensor bias = optional_vector(bias_, "bias", input, acc);
+  const auto acc_opts = input.options().dtype(acc);
+  if (g.numel() == 0) return at::zeros({2 * g.C}, acc_opts);
+  Tensor sums = at::empty({2 * g.C}, acc_opts);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_reduce_cuda",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int VMAX = vec_max<scalar_t>();
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
+        const acc_t* pm = mean.const_data_ptr<acc_t>();
+        const acc_t* pi = invstd.const_data_ptr<acc_t>();
+        const acc_t* pw = ptr_or_null<acc_t>(weight);
+        const acc_t* pb = ptr_or_null<acc_t>(bias);
+        acc_t* out = sums.data_ptr<acc_t>();
+        Tensor partial;
+        int64_t splits = 1;
+        if (layout == Layout::kPlanar) {
+          const int v = pick_vec(VMAX, sizeof(scalar_t), g.S, {x, dy}, true);
+          with_vec3<VMAX>(v, [&](auto vc) {
+            constexpr int V = decltype(vc)::value;
+            const PlanarPlan p = plan_planar(g, V);
+            splits = p.splits;
+            if (splits > 1) partial = at::empty({2 * splits * g.C}, acc_opts);
+            cuda::reduce_planar_kernel<scalar_t, acc_t, V>
+                <<<dim3(unsigned(p.splits), unsigned(p.grid_c)), kThreads, 0,
+                   stream>>>(dy, x, g.C, g.S, g.N * g.S, p.per_block, p.step,
+                             pm, pi, pw, pb, relu,
+                             splits > 1 ? partial.data_ptr<acc_t>() : nullptr,
+                             out);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        } else {
+          const int v = pick_vec(VMAX, sizeof(scalar_t), g.C, {x, dy}, true);
+          with_vec3<VMAX>(v, [&](auto vc) {
+            constexpr int V = decltype(vc)::value;
+            const RowsPlan p = plan_rows(g, V, true);
+            splits = p.row_blocks;
+            if (splits > 1) partial = at::empty({2 * splits * g.C}, acc_opts);
+            const size_t smem = size_t(p.bx) * p.by * (2 * V) * sizeof(acc_t);
+            cuda::reduce_rows_kernel<scalar_t, acc_t, V>
+                <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
+                   dim3(unsigned(p.bx), unsigned(p.by)), smem, stream>>>(
+                    dy, x, g.rows(), g.C, p.rows_per_block, pm, pi, pw, pb,
+                    relu, splits > 1 ? partial.data_ptr<acc_t>() : nullptr,
+                    out);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        }
+        if (splits > 1) {
+          const int64_t blocks =
+              std::min<int64_t>(ceil_div(g.C, cuda::kWarps), 65535);
+          cuda::reduce_merge_kernel<acc_t>
+              <<<unsigned(blocks), kThreads, 0, stream>>>(
+                  partial.const_data_ptr<acc_t>(), splits, g.C, pi, out);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+  return sums;
+}
+
+// ---------------------------------------------------------------------------
+
+Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
+                          const Tensor& mean_, const Tensor& invstd_,
+                          const c10::optional<Tensor>& weight_,
+                          const c10::optional<Tensor>& bias_,
+                          const Tensor& sums_, const Tensor& scale_,
+                          bool relu) {
+  check_input(input_);
+  check_cuda(input_, "sync_bn_backward_data");
+  const c10::cuda::CUDAGuard guard(input_.device());
+  Layout layout;
+  const Tensor input = as_kernel_layout(input_, &layout);
+  const Tensor grad_output = check_grad_output(grad_output_, input, layout,
+                                               "sync_bn_backward_data");
+  const Geometry g = geometry_of(input, layout);
+  TORCH_CHECK(sums_.dim() == 1 && sums_.size(0) == 2 * g.C,
+              "sync_bn_backward_data: sums must have shape (2C,) = (",
+              2 * g.C, ",), got ", sums_.sizes());
+  TORCH_CHECK(scale_.numel() == 1,
+              "sync_bn_backward_data: scale must have one element, got ",
+              scale_.numel());
+  TORCH_CHECK(sums_.device() == input.device() &&
+                  scale_.device() == input.device(),
+              "sync_bn_backward_data: sums and scale must be on ",
+              input.device());
+  const auto acc = acc_type_of(input.scalar_type());
+  const Tensor mean = channel_vector(mean_, "mean", input, acc);
+  const Tensor invstd = channel_vector(invstd_, "invstd", input, acc);
+  const Tensor weight = optional_vector(weight_, "weight", input, acc);
+  const Tensor bias = optional_vector(bias_, "bias", input, acc);
+  const Tensor sums = sums_.to(acc).contiguous();
+  const Tensor scale = scale_.to(acc).contiguous();
+  Tensor grad_input = empty_same_layout(input);
+  if (g.numel() == 0) return grad_input;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_data_cuda",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int VMAX = vec_max<scalar_t>();
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
+        scalar_t* dx = grad_input.data_ptr<scalar_t>();
+        const acc_t* pm = mean.const_data_ptr<acc_t>();
+        const acc_t* pi = invstd.const_data_ptr<acc_t>();
+        const acc_t* pw = ptr_or_null<acc_t>(weight);
+        const acc_t* pb = ptr_or_null<acc_t>(bias);
+        const acc_t* ps = sums.const_data_ptr<acc_t>();
+        const acc_t* pa = scale.const_data_ptr<acc_t>();
+        if (layout == Layout::kPlanar) {
+          const int v =
+              pick_vec(VMAX, sizeof(scalar_t), 1, {x, dy, dx}, false);
+          with_vec2<VMAX>(v, [&](auto vc) {
+            constexpr int V = decltype(vc)::value;
+            const FlatPlan p = plan_flat(g, V);
+            cuda::data_planar_kernel<scalar_t, acc_t, V>
+                <<<unsigned(p.blocks), kThreads, 0, stream>>>(
+                    dy, x, dx, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb,
+                    ps, pa, relu);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        } else {
+          const int v =
+              pick_vec(VMAX, sizeof(scalar_t), g.C, {x, dy, dx}, true);
+          with_vec3<VMAX>(v, [&](auto vc) {
+            constexpr int V = decltype(vc)::value;
+            const RowsPlan p = plan_rows(g, V, false);
+            cuda::data_rows_kernel<scalar_t, acc_t, V>
+                <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
+                   dim3(unsigned(p.bx), unsigned(p.by)), 0, stream>>>(
+                    dy, x, dx, g.rows(), g.C, pm, pi, pw, pb, ps, pa, relu);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        }
+      });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmsync, CUDA, m) {
+  m.impl("sync_bn_forward_stats", &forward_stats_cuda);
+  m.impl("sync_bn_forward_finalize", &forward_finalize_cuda);
+  m.impl("sync_bn_forward_output", &forward_output_cuda);
+  m.impl("sync_bn_backward_reduce", &backward_reduce_cuda);
+  m.impl("sync_bn_backward_data", &backward_data_cuda);
+}
+
+}  // namespace mmsync
