@@ -1,5 +1,8 @@
 """MMSyncBN's contract beyond the numbers: ops, autograd, errors, compile."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -307,3 +310,41 @@ def test_errors_world_two():
         ((0, 3, 4), True)
     ]
     assert run_distributed(_errors_world, 2) == [want, want]
+
+
+_CAPABILITY_SCRIPT = '''
+import sys, torch, mmsync
+torch.manual_seed(0)
+out = {'capability': torch.ops.mmsync.cpu_capability()}
+for name, x in [('nchw', torch.randn(4, 70, 9, 11)),
+                ('nhwc', torch.randn(4, 70, 9, 11).contiguous(
+                    memory_format=torch.channels_last)),
+                ('bf16', torch.randn(3, 5, 40).bfloat16())]:
+    layer = mmsync.SyncBatchNorm(x.size(1), act='relu')
+    x.requires_grad_()
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    out[name] = (y.detach().float(), x.grad.float(), layer.weight.grad)
+torch.save(out, sys.argv[1])
+'''
+
+
+def test_cpu_capabilities_agree(tmp_path):
+    """Kernels built for each instruction set compute the same numbers."""
+    results = {}
+    for cap in ('default', 'avx2', 'avx512'):
+        path = tmp_path / f'{cap}.pt'
+        env = dict(os.environ, MMSYNC_CPU_CAPABILITY=cap)
+        subprocess.run([sys.executable, '-c', _CAPABILITY_SCRIPT,
+                        str(path)],
+                       env=env,
+                       check=True,
+                       timeout=120)
+        results[cap] = torch.load(path)
+    base = results.pop('default')
+    assert base['capability'] == 'default'
+    for out in results.values():
+        for name in ('nchw', 'nhwc', 'bf16'):
+            for got, want in zip(out[name], base[name]):
+                tol = 2e-2 if name == 'bf16' else 1e-4
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -36,10 +36,17 @@ int64_t emu_config(int64_t sms, int64_t seed) {
   emu::g_seed = uint64_t(seed);
   return emu::g_launches;
 }
+// The launches since the last call, one line each: kernel, grid, block.
+std::string emu_trace() {
+  std::string out;
+  out.swap(emu::g_trace);
+  return out;
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmsync_emu, m) {
   m.def("emu_config(int sms, int seed) -> int", &emu_config);
+  m.def("emu_trace() -> str", &emu_trace);
 }
 '''
 
@@ -147,6 +154,7 @@ def build(verbose=False):
             osp.join(src_dir, 'pytorch'),
         ],
         extra_cflags=['-O1', '-std=c++20', '-fno-strict-aliasing'],
+        extra_ldflags=['-ldl'],
         build_directory=build_dir,
         is_python_module=False,
         verbose=verbose)

@@ -6,6 +6,8 @@
 // Blocks run one at a time, which lets __shared__ variables be static.
 #pragma once
 
+#include <cxxabi.h>
+#include <dlfcn.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -51,6 +53,18 @@ inline uint64_t g_seed = 1;  // schedule order
 inline int64_t g_launches = 0;
 inline std::string g_error;  // first launch error, like cudaGetLastError
 inline std::vector<unsigned char> g_smem;
+inline std::string g_trace;  // one line per launch: kernel, grid, block
+
+inline std::string kernel_name(const void* fn) {
+  Dl_info info;
+  if (dladdr(fn, &info) == 0 || info.dli_sname == nullptr) return "?";
+  int status = 0;
+  char* name = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+  std::string out = status == 0 && name ? name : info.dli_sname;
+  std::free(name);
+  const auto paren = out.find('(');
+  return paren == std::string::npos ? out : out.substr(0, paren);
+}
 
 enum class State { kRunning, kBlockBarrier, kWarpBarrier, kDone };
 
@@ -179,6 +193,11 @@ template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
             cudaStream_t, A&&... args) {
   ++g_launches;
+  g_trace += kernel_name(reinterpret_cast<const void*>(kernel)) + " grid=(" +
+             std::to_string(grid.x) + "," + std::to_string(grid.y) +
+             ") block=(" + std::to_string(block.x) + "," +
+             std::to_string(block.y) + ") smem=" + std::to_string(smem) +
+             "\n";
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > 256 || grid.x == 0 || grid.y == 0 ||
       grid.z == 0 || grid.y > 65535 || grid.z > 65535 ||

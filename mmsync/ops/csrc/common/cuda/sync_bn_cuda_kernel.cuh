@@ -11,9 +11,11 @@ namespace cuda {
 
 // ---------------------------------------------------------------------------
 // Local statistics. Each block reduces `per_block` elements (PLANAR) or
-// `rows_per_block` rows (ROWS) of a channel to (n, mean, M2), written to
-// `partial` ([3][splits][C]: n, mean, M2) and merged by stats_merge_kernel;
-// a grid of one split writes the packed buffer directly (partial unused).
+// `rows_per_block` rows (ROWS) of a channel to (n, mean, M2) of x - shift,
+// shift being the channel's first element: the float32 moments then keep
+// their precision relative to the spread, not to |mean| (mean >> std). The
+// partials ([3][splits][C]: n, mean, M2, then shift[C]) are merged by
+// stats_merge_kernel; a grid of one split writes the packed buffer directly.
 
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
@@ -26,6 +28,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t lo = int64_t(blockIdx.x) * per_block;
   const int64_t hi = lo + per_block < M ? lo + per_block : M;
   for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
+    const acc_t shift = acc_t(x[c * S]);
     acc_t n = acc_t(0), mean = acc_t(0), m2 = acc_t(0);
     PlaneCursor cur(lo + int64_t(threadIdx.x) * V, c, C, S);
     while (cur.i < hi) {
@@ -36,7 +39,7 @@ __global__ void __launch_bounds__(kThreads)
         if (cur.i < hi) {
           const Pack<scalar_t, V> p = load_pack<V>(x + cur.off);
 #pragma unroll
-          for (int j = 0; j < V; ++j) v[u * V + j] = acc_t(p.v[j]);
+          for (int j = 0; j < V; ++j) v[u * V + j] = acc_t(p.v[j]) - shift;
           valid += V;
         }
         cur.advance(step, S);
@@ -46,12 +49,13 @@ __global__ void __launch_bounds__(kThreads)
     block_welford(n, mean, m2);
     if (threadIdx.x == 0) {
       if (splits == 1) {
-        write_packed(packed, C, c, weight, double(n), double(mean),
-                     double(m2));
+        write_packed(packed, C, c, weight, double(n),
+                     double(shift) + double(mean), double(m2));
       } else {
         partial[blockIdx.x * C + c] = n;
         partial[(splits + blockIdx.x) * C + c] = mean;
         partial[(2 * splits + blockIdx.x) * C + c] = m2;
+        if (blockIdx.x == 0) partial[3 * splits * C + c] = shift;
       }
     }
   }
@@ -81,11 +85,13 @@ __global__ void __launch_bounds__(kThreads)
        cv0 += int64_t(gridDim.y) * bx) {
     const int64_t cv = cv0 + tx;
     const bool active = cv < Cv;
-    acc_t n = acc_t(0), mean[V], m2[V];
+    acc_t n = acc_t(0), mean[V], m2[V], shift[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) mean[j] = m2[j] = acc_t(0);
+    for (int j = 0; j < V; ++j) mean[j] = m2[j] = shift[j] = acc_t(0);
     if (active) {
       const scalar_t* base = x + cv * V;
+#pragma unroll
+      for (int j = 0; j < V; ++j) shift[j] = acc_t(base[j]);
       for (int64_t r = lo + ty; r < hi; r += int64_t(by) * kUnroll) {
         acc_t v[kUnroll][V];
         int valid = 0;
@@ -95,7 +101,7 @@ __global__ void __launch_bounds__(kThreads)
           if (rr < hi) {
             const Pack<scalar_t, V> p = load_pack<V>(base + rr * C);
 #pragma unroll
-            for (int j = 0; j < V; ++j) v[u][j] = acc_t(p.v[j]);
+            for (int j = 0; j < V; ++j) v[u][j] = acc_t(p.v[j]) - shift[j];
             ++valid;
           }
         }
@@ -139,12 +145,13 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < V; ++j) {
         const int64_t c = cv * V + j;
         if (splits == 1) {
-          write_packed(packed, C, c, weight, double(n), double(mean[j]),
-                       double(m2[j]));
+          write_packed(packed, C, c, weight, double(n),
+                       double(shift[j]) + double(mean[j]), double(m2[j]));
         } else {
           partial[blockIdx.x * C + c] = n;
           partial[(splits + blockIdx.x) * C + c] = mean[j];
           partial[(2 * splits + blockIdx.x) * C + c] = m2[j];
+          if (blockIdx.x == 0) partial[3 * splits * C + c] = shift[j];
         }
       }
     }
@@ -157,7 +164,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One warp per channel merges the `splits` partial moments in float64, in a
-// fixed order (deterministic), and writes the packed buffer.
+// fixed order (deterministic), adds the shift back and writes the packed
+// buffer.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     stats_merge_kernel(const acc_t* __restrict__ partial, int64_t splits,
@@ -165,15 +173,17 @@ __global__ void __launch_bounds__(kThreads)
                        double count) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t(gridDim.x) * kThreads) >> 5;
-  for (int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> 5;
-       c < C; c += warps) {
+  for (int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> 5; c < C;
+       c += warps) {
     double n = 0.0, mean = 0.0, m2 = 0.0;
     for (int64_t j = lane; j < splits; j += 32)
       chan_merge(n, mean, m2, double(partial[j * C + c]),
                  double(partial[(splits + j) * C + c]),
                  double(partial[(2 * splits + j) * C + c]));
     warp_welford(n, mean, m2);
-    if (lane == 0) write_packed(packed, C, c, weight, n, mean, m2);
+    if (lane == 0)
+      write_packed(packed, C, c, weight, n,
+                   double(partial[3 * splits * C + c]) + mean, m2);
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     packed[0] = weight;
@@ -199,9 +209,9 @@ __global__ void __launch_bounds__(kThreads)
   const bool update = running_mean != nullptr && total > 0.0;
   double f = 0.0;
   if (update)
-    f = update_factor(has_momentum, momentum, tracked != nullptr,
-                      tracked != nullptr ? static_cast<long long>(*tracked)
-                                         : 0LL);
+    f = update_factor(
+        has_momentum, momentum, tracked != nullptr,
+        tracked != nullptr ? static_cast<long long>(*tracked) : 0LL);
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
        c += stride) {
@@ -210,8 +220,7 @@ __global__ void __launch_bounds__(kThreads)
     mean[c] = out_t(m);
     invstd[c] = out_t(1.0 / sqrt(v + eps));
     if (update) {
-      running_mean[c] =
-          run_t(double(running_mean[c]) * (1.0 - f) + f * m);
+      running_mean[c] = run_t(double(running_mean[c]) * (1.0 - f) + f * m);
       running_var[c] = run_t(double(running_var[c]) * (1.0 - f) +
                              f * unbiased_var(v, total));
     }
@@ -221,23 +230,39 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------
-// Output: y = (x - mean) * invstd * weight + bias, optionally max(y, 0).
-// weight / bias may be null (ones / zeros).
+// The passes after the statistics read mean and invstd in float64 and use,
+// per channel and in acc_t (as the CPU kernels do): the mean split into
+// hi + lo, so that x - mean = (x - hi) - lo stays exact when mean >> std,
+// and k = invstd * weight rounded once from float64. weight / bias (acc_t)
+// may be null: ones / zeros.
 
 template <typename acc_t>
-struct AffineConsts {
-  acc_t m, k, b;
-  __device__ __forceinline__ void load(int64_t c, const acc_t* mean,
-                                       const acc_t* invstd,
-                                       const acc_t* weight,
-                                       const acc_t* bias) {
-    m = mean[c];
-    k = weight != nullptr ? invstd[c] * weight[c] : invstd[c];
+struct ChannelConsts {
+  acc_t hi, lo, k, b;
+  __device__ __forceinline__ void load(int64_t c, const double* mean,
+                                       const double* invstd,
+                                       const acc_t* weight, const acc_t* bias) {
+    const double m = mean[c];
+    hi = acc_t(m);
+    lo = acc_t(m - double(hi));
+    k = acc_t(weight != nullptr ? invstd[c] * double(weight[c]) : invstd[c]);
     b = bias != nullptr ? bias[c] : acc_t(0);
   }
+  __device__ __forceinline__ acc_t centered(acc_t x) const {
+    return (x - hi) - lo;
+  }
+  // dy where the forward output (x - mean) * k + b was positive (or no ReLU).
+  __device__ __forceinline__ acc_t grad(acc_t dy, acc_t xm, bool relu) const {
+    return (relu && !(xm * k + b > acc_t(0))) ? acc_t(0) : dy;
+  }
+};
+
+// Output: y = (x - mean) * k + b, optionally max(y, 0).
+template <typename acc_t>
+struct AffineConsts : ChannelConsts<acc_t> {
   template <typename scalar_t>
   __device__ __forceinline__ scalar_t apply(scalar_t x, bool relu) const {
-    const acc_t v = (acc_t(x) - m) * k + b;
+    const acc_t v = this->centered(acc_t(x)) * this->k + this->b;
     return scalar_t(relu ? (v > acc_t(0) ? v : acc_t(0)) : v);
   }
 };
@@ -249,8 +274,9 @@ template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     output_planar_kernel(const scalar_t* __restrict__ x,
                          scalar_t* __restrict__ y, int64_t numel, int64_t C,
-                         int64_t S, FlatStep st, const acc_t* __restrict__ mean,
-                         const acc_t* __restrict__ invstd,
+                         int64_t S, FlatStep st,
+                         const double* __restrict__ mean,
+                         const double* __restrict__ invstd,
                          const acc_t* __restrict__ weight,
                          const acc_t* __restrict__ bias, bool relu) {
   const int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x;
@@ -311,10 +337,9 @@ __global__ void __launch_bounds__(kThreads)
 // constants in registers while it walks rows ty, ty + by, ...
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
-    output_rows_kernel(const scalar_t* __restrict__ x,
-                       scalar_t* __restrict__ y, int64_t M, int64_t C,
-                       const acc_t* __restrict__ mean,
-                       const acc_t* __restrict__ invstd,
+    output_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                       int64_t M, int64_t C, const double* __restrict__ mean,
+                       const double* __restrict__ invstd,
                        const acc_t* __restrict__ weight,
                        const acc_t* __restrict__ bias, bool relu) {
   const int64_t Cv = C / V;
@@ -343,39 +368,18 @@ __global__ void __launch_bounds__(kThreads)
 // float64 by reduce_merge_kernel, which also applies invstd; a grid of one
 // split writes `sums` (2C, acc_t) directly.
 
-template <typename acc_t>
-struct MaskConsts {
-  acc_t m, k, b;
-  __device__ __forceinline__ void load(int64_t c, const acc_t* mean,
-                                       const acc_t* invstd,
-                                       const acc_t* weight,
-                                       const acc_t* bias) {
-    m = mean[c];
-    k = weight != nullptr ? invstd[c] * weight[c] : invstd[c];
-    b = bias != nullptr ? bias[c] : acc_t(0);
-  }
-  // dy where the forward output (x - m) * k + b was positive (or no ReLU).
-  __device__ __forceinline__ acc_t grad(acc_t dy, acc_t xm, bool relu) const {
-    return (relu && !(xm * k + b > acc_t(0))) ? acc_t(0) : dy;
-  }
-};
-
 template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads)
-    reduce_planar_kernel(const scalar_t* __restrict__ dy,
-                         const scalar_t* __restrict__ x, int64_t C, int64_t S,
-                         int64_t M, int64_t per_block, CursorStep step,
-                         const acc_t* __restrict__ mean,
-                         const acc_t* __restrict__ invstd,
-                         const acc_t* __restrict__ weight,
-                         const acc_t* __restrict__ bias, bool relu,
-                         acc_t* __restrict__ partial,
-                         acc_t* __restrict__ sums) {
+__global__ void __launch_bounds__(kThreads) reduce_planar_kernel(
+    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, int64_t C,
+    int64_t S, int64_t M, int64_t per_block, CursorStep step,
+    const double* __restrict__ mean, const double* __restrict__ invstd,
+    const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, bool relu,
+    acc_t* __restrict__ partial, acc_t* __restrict__ sums) {
   const int64_t splits = gridDim.x;
   const int64_t lo = int64_t(blockIdx.x) * per_block;
   const int64_t hi = lo + per_block < M ? lo + per_block : M;
   for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
-    MaskConsts<acc_t> k;
+    ChannelConsts<acc_t> k;
     k.load(c, mean, invstd, weight, bias);
     acc_t s1[V], s2[V];
 #pragma unroll
@@ -398,7 +402,7 @@ __global__ void __launch_bounds__(kThreads)
         if (ok[u]) {
 #pragma unroll
           for (int j = 0; j < V; ++j) {
-            const acc_t xm = acc_t(xv[u].v[j]) - k.m;
+            const acc_t xm = k.centered(acc_t(xv[u].v[j]));
             const acc_t g = k.grad(acc_t(gv[u].v[j]), xm, relu);
             s1[j] += g;
             s2[j] += g * xm;
@@ -415,7 +419,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) {
       if (splits == 1) {
         sums[c] = t1;
-        sums[C + c] = acc_t(double(t2) * double(invstd[c]));
+        sums[C + c] = acc_t(double(t2) * invstd[c]);
       } else {
         partial[blockIdx.x * C + c] = t1;
         partial[(splits + blockIdx.x) * C + c] = t2;
@@ -428,12 +432,11 @@ template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     reduce_rows_kernel(const scalar_t* __restrict__ dy,
                        const scalar_t* __restrict__ x, int64_t M, int64_t C,
-                       int64_t rows_per_block, const acc_t* __restrict__ mean,
-                       const acc_t* __restrict__ invstd,
+                       int64_t rows_per_block, const double* __restrict__ mean,
+                       const double* __restrict__ invstd,
                        const acc_t* __restrict__ weight,
                        const acc_t* __restrict__ bias, bool relu,
-                       acc_t* __restrict__ partial,
-                       acc_t* __restrict__ sums) {
+                       acc_t* __restrict__ partial, acc_t* __restrict__ sums) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);
   constexpr int kState = 2 * V;  // s1[V], s2[V]
@@ -452,7 +455,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < V; ++j) s1[j] = s2[j] = acc_t(0);
     if (active) {
-      MaskConsts<acc_t> k[V];
+      ChannelConsts<acc_t> k[V];
 #pragma unroll
       for (int j = 0; j < V; ++j)
         k[j].load(cv * V + j, mean, invstd, weight, bias);
@@ -474,7 +477,7 @@ __global__ void __launch_bounds__(kThreads)
           if (ok[u]) {
 #pragma unroll
             for (int j = 0; j < V; ++j) {
-              const acc_t xm = acc_t(xv[u].v[j]) - k[j].m;
+              const acc_t xm = k[j].centered(acc_t(xv[u].v[j]));
               const acc_t g = k[j].grad(acc_t(gv[u].v[j]), xm, relu);
               s1[j] += g;
               s2[j] += g * xm;
@@ -509,7 +512,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t c = cv * V + j;
         if (splits == 1) {
           sums[c] = s1[j];
-          sums[C + c] = acc_t(double(s2[j]) * double(invstd[c]));
+          sums[C + c] = acc_t(double(s2[j]) * invstd[c]);
         } else {
           partial[blockIdx.x * C + c] = s1[j];
           partial[(splits + blockIdx.x) * C + c] = s2[j];
@@ -523,12 +526,12 @@ __global__ void __launch_bounds__(kThreads)
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     reduce_merge_kernel(const acc_t* __restrict__ partial, int64_t splits,
-                        int64_t C, const acc_t* __restrict__ invstd,
+                        int64_t C, const double* __restrict__ invstd,
                         acc_t* __restrict__ sums) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t(gridDim.x) * kThreads) >> 5;
-  for (int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> 5;
-       c < C; c += warps) {
+  for (int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> 5; c < C;
+       c += warps) {
     double s1 = 0.0, s2 = 0.0;
     for (int64_t j = lane; j < splits; j += 32) {
       s1 += double(partial[j * C + c]);
@@ -537,40 +540,36 @@ __global__ void __launch_bounds__(kThreads)
     warp_sum2(s1, s2);
     if (lane == 0) {
       sums[c] = acc_t(s1);
-      sums[C + c] = acc_t(s2 * double(invstd[c]));
+      sums[C + c] = acc_t(s2 * invstd[c]);
     }
   }
 }
 
 // ---------------------------------------------------------------------------
-// Grad input: dx = k1 * (g - c1) + k2 * (x - mean) with k1 = weight * invstd,
-// c1 = scale * sum_dy, k2 = -k1 * scale * invstd * sum_dy_xhat; `scale` is
-// read from device memory (the output of finalize).
+// Grad input: dx = k * (g - shift) + k2 * (x - mean) with k = weight *
+// invstd, shift = scale * sum_dy, k2 = -k * scale * invstd * sum_dy_xhat,
+// formed in float64 and rounded once; `scale` is read from device memory
+// (the output of finalize), never from the host.
 
 template <typename acc_t>
-struct DataConsts {
-  acc_t m, k1, c1, k2, b;
-  __device__ __forceinline__ void load(int64_t c, int64_t C, acc_t a,
-                                       const acc_t* mean,
-                                       const acc_t* invstd,
-                                       const acc_t* weight,
-                                       const acc_t* bias,
+struct DataConsts : ChannelConsts<acc_t> {
+  acc_t shift, k2;
+  __device__ __forceinline__ void load(int64_t c, int64_t C, double a,
+                                       const double* mean, const double* invstd,
+                                       const acc_t* weight, const acc_t* bias,
                                        const acc_t* sums) {
-    const acc_t is = invstd[c];
-    m = mean[c];
-    k1 = weight != nullptr ? weight[c] * is : is;
-    c1 = a * sums[c];
-    k2 = -k1 * a * is * sums[C + c];
-    b = bias != nullptr ? bias[c] : acc_t(0);
+    ChannelConsts<acc_t>::load(c, mean, invstd, weight, bias);
+    const double kd =
+        weight != nullptr ? invstd[c] * double(weight[c]) : invstd[c];
+    shift = acc_t(a * double(sums[c]));
+    k2 = acc_t(-kd * a * invstd[c] * double(sums[C + c]));
   }
   template <typename scalar_t>
   __device__ __forceinline__ scalar_t apply(scalar_t dy, scalar_t x,
                                             bool relu) const {
-    const acc_t xm = acc_t(x) - m;
-    // The forward output (x - m) * k1 + b decides the ReLU mask.
-    const acc_t g =
-        (relu && !(xm * k1 + b > acc_t(0))) ? acc_t(0) : acc_t(dy);
-    return scalar_t(k1 * (g - c1) + k2 * xm);
+    const acc_t xm = this->centered(acc_t(x));
+    const acc_t g = this->grad(acc_t(dy), xm, relu);
+    return scalar_t(this->k * (g - shift) + k2 * xm);
   }
 };
 
@@ -579,15 +578,15 @@ __global__ void __launch_bounds__(kThreads)
     data_planar_kernel(const scalar_t* __restrict__ dy,
                        const scalar_t* __restrict__ x,
                        scalar_t* __restrict__ dx, int64_t numel, int64_t C,
-                       int64_t S, FlatStep st, const acc_t* __restrict__ mean,
-                       const acc_t* __restrict__ invstd,
+                       int64_t S, FlatStep st, const double* __restrict__ mean,
+                       const double* __restrict__ invstd,
                        const acc_t* __restrict__ weight,
                        const acc_t* __restrict__ bias,
                        const acc_t* __restrict__ sums,
-                       const acc_t* __restrict__ scale, bool relu) {
+                       const double* __restrict__ scale, bool relu) {
   const int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t body = numel - numel % V;
-  const acc_t a = scale[0];
+  const double a = scale[0];
   int64_t i = tid * V;
   int64_t s = 0, c = 0;
   if (i < body) {
@@ -643,17 +642,16 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     data_rows_kernel(const scalar_t* __restrict__ dy,
-                     const scalar_t* __restrict__ x,
-                     scalar_t* __restrict__ dx, int64_t M, int64_t C,
-                     const acc_t* __restrict__ mean,
-                     const acc_t* __restrict__ invstd,
+                     const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
+                     int64_t M, int64_t C, const double* __restrict__ mean,
+                     const double* __restrict__ invstd,
                      const acc_t* __restrict__ weight,
                      const acc_t* __restrict__ bias,
                      const acc_t* __restrict__ sums,
-                     const acc_t* __restrict__ scale, bool relu) {
+                     const double* __restrict__ scale, bool relu) {
   const int64_t Cv = C / V;
   const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
-  const acc_t a = scale[0];
+  const double a = scale[0];
   for (int64_t cv = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; cv < Cv;
        cv += int64_t(gridDim.y) * blockDim.x) {
     DataConsts<acc_t> k[V];

@@ -74,46 +74,49 @@ struct FlatStep {
   int64_t dc;    // (step / S) % C
 };
 
-// Merges the moments of `valid` values v[0..valid) into (n, mean, m2): their
-// own mean and M2 in registers first (exact two-pass), then one Chan merge,
-// so the division of the merge is paid once per K values.
-template <int K, typename acc_t>
+// Merges the moments of the first `valid` packs of p (U packs of V values,
+// each minus `shift`) into (n, mean, m2): their own mean and M2 first, in
+// registers and exactly (two passes over the loaded values), then one Chan
+// merge, so that the merge's division is paid once per U * V values. The
+// packs stay in the input type; values are converted where they are used.
+template <int U, int V, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void welford_add(acc_t& n, acc_t& mean, acc_t& m2,
-                                            const acc_t (&v)[K], int valid) {
-  acc_t mb, m2b = acc_t(0);
-  if (valid == K) {
-    acc_t sum = acc_t(0);
+                                            const Pack<scalar_t, V> (&p)[U],
+                                            int valid, acc_t shift) {
+  if (valid <= 0) return;
+  acc_t part[U];
 #pragma unroll
-    for (int j = 0; j < K; ++j) sum += v[j];
-    mb = sum * (acc_t(1) / acc_t(K));
+  for (int u = 0; u < U; ++u) {
+    part[u] = acc_t(0);
 #pragma unroll
-    for (int j = 0; j < K; ++j) {
-      const acc_t d = v[j] - mb;
-      m2b += d * d;
-    }
-  } else {
-    if (valid <= 0) return;
-    acc_t sum = acc_t(0);
+    for (int j = 0; j < V; ++j) part[u] += acc_t(p[u].v[j]) - shift;
+  }
+  acc_t sum = acc_t(0);
 #pragma unroll
-    for (int j = 0; j < K; ++j)
-      if (j < valid) sum += v[j];
-    mb = sum / acc_t(valid);
+  for (int u = 0; u < U; ++u)
+    if (u < valid) sum += part[u];
+  const acc_t nb = acc_t(valid * V);
+  const acc_t mb =
+      valid == U ? sum * (acc_t(1) / acc_t(U * V)) : sum / nb;
+  acc_t m2b = acc_t(0);
 #pragma unroll
-    for (int j = 0; j < K; ++j)
-      if (j < valid) {
-        const acc_t d = v[j] - mb;
+  for (int u = 0; u < U; ++u)
+    if (u < valid) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const acc_t d = (acc_t(p[u].v[j]) - shift) - mb;
         m2b += d * d;
       }
-  }
-  chan_merge(n, mean, m2, acc_t(valid), mb, m2b);
+    }
+  chan_merge(n, mean, m2, nb, mb, m2b);
 }
 
-// ROWS variant: V channels that share the row count, `valid` rows of U.
-template <int U, int V, typename acc_t>
-__device__ __forceinline__ void welford_add_rows(acc_t& n, acc_t (&mean)[V],
-                                                 acc_t (&m2)[V],
-                                                 const acc_t (&v)[U][V],
-                                                 int valid) {
+// ROWS variant: pack u is row u, its V values V channels that share the row
+// count; `valid` rows of U, values minus shift[j].
+template <int U, int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void welford_add_rows(
+    acc_t& n, acc_t (&mean)[V], acc_t (&m2)[V],
+    const Pack<scalar_t, V> (&p)[U], int valid, const acc_t (&shift)[V]) {
   if (valid <= 0) return;
   const acc_t nb = acc_t(valid);
   const acc_t inv_nb = valid == U ? acc_t(1) / acc_t(U) : acc_t(1) / nb;
@@ -124,13 +127,13 @@ __device__ __forceinline__ void welford_add_rows(acc_t& n, acc_t (&mean)[V],
     acc_t sum = acc_t(0);
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (u < valid) sum += v[u][j];
+      if (u < valid) sum += acc_t(p[u].v[j]) - shift[j];
     const acc_t mb = sum * inv_nb;
     acc_t m2b = acc_t(0);
 #pragma unroll
     for (int u = 0; u < U; ++u)
       if (u < valid) {
-        const acc_t d = v[u][j] - mb;
+        const acc_t d = (acc_t(p[u].v[j]) - shift[j]) - mb;
         m2b += d * d;
       }
     const acc_t delta = mb - mean[j];
@@ -204,9 +207,8 @@ __device__ __forceinline__ void block_sum2(T& a, T& b) {
 // Writes channel c of the packed statistics buffer (see sync_bn_common.h)
 // from its local moments.
 __device__ __forceinline__ void write_packed(double* packed, int64_t C,
-                                             int64_t c, double weight,
-                                             double n, double mean,
-                                             double m2) {
+                                             int64_t c, double weight, double n,
+                                             double mean, double m2) {
   const double var = n > 0.0 ? m2 / n : 0.0;
   packed[kStatsHeader + c] = weight * mean;
   packed[kStatsHeader + C + c] = weight * (var + mean * mean);

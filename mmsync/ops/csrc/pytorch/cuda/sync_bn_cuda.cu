@@ -107,8 +107,7 @@ PlanarPlan plan_planar(const Geometry& g, int V) {
   PlanarPlan p;
   const int64_t M = g.N * g.S, Mv = M / V;
   p.grid_c = std::min<int64_t>(g.C, 65535);
-  int64_t splits = ceil_div(int64_t(sm_count()) * kReduceBlocksPerSM,
-                            p.grid_c);
+  int64_t splits = ceil_div(int64_t(sm_count()) * kReduceBlocksPerSM, p.grid_c);
   splits = std::min(splits,
                     std::max<int64_t>(1, Mv / (int64_t(kThreads) * kUnroll)));
   splits = std::max(splits, ceil_div(M, kMaxBlockCount));
@@ -138,16 +137,16 @@ RowsPlan plan_rows(const Geometry& g, int V, bool reduction) {
     p.tiles = 1;
   } else {
     const int64_t tiles = ceil_div(Cv, kThreads);
-    p.bx = int(std::min<int64_t>(kThreads, ceil_div(ceil_div(Cv, tiles), 32) * 32));
+    p.bx = int(
+        std::min<int64_t>(kThreads, ceil_div(ceil_div(Cv, tiles), 32) * 32));
     p.tiles = ceil_div(Cv, p.bx);
   }
   p.by = std::max(1, kThreads / p.bx);
   const int64_t grid_t = std::min<int64_t>(p.tiles, 65535);
   if (reduction) {
-    int64_t splits =
-        ceil_div(int64_t(sm_count()) * kReduceBlocksPerSM, grid_t);
-    splits = std::min(
-        splits, std::max<int64_t>(1, M / (int64_t(p.by) * kUnroll * 2)));
+    int64_t splits = ceil_div(int64_t(sm_count()) * kReduceBlocksPerSM, grid_t);
+    splits = std::min(splits,
+                      std::max<int64_t>(1, M / (int64_t(p.by) * kUnroll * 2)));
     splits = std::max(splits, ceil_div(M, kMaxBlockCount));
     p.rows_per_block = ceil_div(M, splits);
     p.row_blocks = ceil_div(M, p.rows_per_block);
@@ -206,8 +205,8 @@ Tensor check_grad_output(const Tensor& grad_output, const Tensor& input,
               grad_output.sizes(), " ", grad_output.scalar_type(), " vs ",
               input.sizes(), " ", input.scalar_type());
   TORCH_CHECK(grad_output.device() == input.device(), op,
-              ": grad_output is on ", grad_output.device(),
-              " but input is on ", input.device());
+              ": grad_output is on ", grad_output.device(), " but input is on ",
+              input.device());
   return to_layout(grad_output, layout);
 }
 
@@ -222,7 +221,8 @@ void launch_stats(const Tensor& input, const Geometry& g, double weight,
   double* packed = stats.data_ptr<double>();
   const double count = double(g.rows());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto acc_opts = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const auto acc_opts =
+      input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   Tensor partial;
   int64_t splits = 1;
   if (g.layout == Layout::kPlanar) {
@@ -231,12 +231,12 @@ void launch_stats(const Tensor& input, const Geometry& g, double weight,
       constexpr int V = decltype(vc)::value;
       const PlanarPlan p = plan_planar(g, V);
       splits = p.splits;
-      if (splits > 1) partial = at::empty({3 * splits * g.C}, acc_opts);
+      if (splits > 1) partial = at::empty({(3 * splits + 1) * g.C}, acc_opts);
       cuda::stats_planar_kernel<scalar_t, acc_t, V>
           <<<dim3(unsigned(p.splits), unsigned(p.grid_c)), kThreads, 0,
              stream>>>(x, g.C, g.S, g.N * g.S, p.per_block, p.step,
-                       splits > 1 ? partial.data_ptr<acc_t>() : nullptr,
-                       packed, weight, count);
+                       splits > 1 ? partial.data_ptr<acc_t>() : nullptr, packed,
+                       weight, count);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else {
@@ -245,14 +245,14 @@ void launch_stats(const Tensor& input, const Geometry& g, double weight,
       constexpr int V = decltype(vc)::value;
       const RowsPlan p = plan_rows(g, V, true);
       splits = p.row_blocks;
-      if (splits > 1) partial = at::empty({3 * splits * g.C}, acc_opts);
+      if (splits > 1) partial = at::empty({(3 * splits + 1) * g.C}, acc_opts);
       const size_t smem = size_t(p.bx) * p.by * (2 * V + 1) * sizeof(acc_t);
       cuda::stats_rows_kernel<scalar_t, acc_t, V>
           <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
              dim3(unsigned(p.bx), unsigned(p.by)), smem, stream>>>(
               x, g.rows(), g.C, p.rows_per_block,
-              splits > 1 ? partial.data_ptr<acc_t>() : nullptr, packed,
-              weight, count);
+              splits > 1 ? partial.data_ptr<acc_t>() : nullptr, packed, weight,
+              count);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -274,8 +274,7 @@ Tensor forward_stats_cuda(const Tensor& input_, bool weight_by_count) {
   const Geometry g = geometry_of(input, layout);
   const auto opts = input.options().dtype(at::kDouble);
   const int64_t count = g.rows();
-  if (count == 0 || g.C == 0)
-    return at::zeros({2 * g.C + kStatsHeader}, opts);
+  if (count == 0 || g.C == 0) return at::zeros({2 * g.C + kStatsHeader}, opts);
   Tensor stats = at::empty({2 * g.C + kStatsHeader}, opts);
   const double weight = weight_by_count ? double(count) : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -344,8 +343,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cuda(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks =
       std::max<int64_t>(1, std::min<int64_t>(ceil_div(C, kThreads), 1024));
-  const at::ScalarType run_type =
-      has_running ? rm.scalar_type() : at::kDouble;
+  const at::ScalarType run_type = has_running ? rm.scalar_type() : at::kDouble;
   AT_DISPATCH_FLOATING_TYPES(out_type, "sync_bn_finalize_cuda", [&] {
     using out_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -354,8 +352,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cuda(
           cuda::finalize_kernel<out_t, run_t>
               <<<unsigned(blocks), kThreads, 0, stream>>>(
                   stats.const_data_ptr<double>(), C, eps, count,
-                  weight_by_count,
-                  has_running ? rm.data_ptr<run_t>() : nullptr,
+                  weight_by_count, has_running ? rm.data_ptr<run_t>() : nullptr,
                   has_running ? rv.data_ptr<run_t>() : nullptr,
                   tracked.defined() ? tracked.const_data_ptr<int64_t>()
                                     : nullptr,
@@ -387,8 +384,8 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
   const Tensor input = as_kernel_layout(input_, &layout);
   const Geometry g = geometry_of(input, layout);
   const auto acc = acc_type_of(input.scalar_type());
-  const Tensor mean = channel_vector(mean_, "mean", input, acc);
-  const Tensor invstd = channel_vector(invstd_, "invstd", input, acc);
+  const Tensor mean = channel_vector(mean_, "mean", input, at::kDouble);
+  const Tensor invstd = channel_vector(invstd_, "invstd", input, at::kDouble);
   const Tensor weight = optional_vector(weight_, "weight", input, acc);
   const Tensor bias = optional_vector(bias_, "bias", input, acc);
   Tensor output = empty_same_layout(input);
@@ -401,8 +398,8 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
         constexpr int VMAX = vec_max<scalar_t>();
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         scalar_t* y = output.data_ptr<scalar_t>();
-        const acc_t* pm = mean.const_data_ptr<acc_t>();
-        const acc_t* pi = invstd.const_data_ptr<acc_t>();
+        const double* pm = mean.const_data_ptr<double>();
+        const double* pi = invstd.const_data_ptr<double>();
         const acc_t* pw = ptr_or_null<acc_t>(weight);
         const acc_t* pb = ptr_or_null<acc_t>(bias);
         if (layout == Layout::kPlanar) {
@@ -442,12 +439,12 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
   const c10::cuda::CUDAGuard guard(input_.device());
   Layout layout;
   const Tensor input = as_kernel_layout(input_, &layout);
-  const Tensor grad_output = check_grad_output(grad_output_, input, layout,
-                                               "sync_bn_backward_reduce");
+  const Tensor grad_output =
+      check_grad_output(grad_output_, input, layout, "sync_bn_backward_reduce");
   const Geometry g = geometry_of(input, layout);
   const auto acc = acc_type_of(input.scalar_type());
-  const Tensor mean = channel_vector(mean_, "mean", input, acc);
-  const Tensor invstd = channel_vector(invstd_, "invstd", input, acc);
+  const Tensor mean = channel_vector(mean_, "mean", input, at::kDouble);
+  const Tensor invstd = channel_vector(invstd_, "invstd", input, at::kDouble);
   const Tensor weight = optional_vector(weight_, "weight", input, acc);
   const Tensor bias = optional_vector(bias_, "bias", input, acc);
   const auto acc_opts = input.options().dtype(acc);
@@ -461,8 +458,8 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
         constexpr int VMAX = vec_max<scalar_t>();
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
-        const acc_t* pm = mean.const_data_ptr<acc_t>();
-        const acc_t* pi = invstd.const_data_ptr<acc_t>();
+        const double* pm = mean.const_data_ptr<double>();
+        const double* pi = invstd.const_data_ptr<double>();
         const acc_t* pw = ptr_or_null<acc_t>(weight);
         const acc_t* pb = ptr_or_null<acc_t>(bias);
         acc_t* out = sums.data_ptr<acc_t>();
@@ -525,53 +522,50 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
   const c10::cuda::CUDAGuard guard(input_.device());
   Layout layout;
   const Tensor input = as_kernel_layout(input_, &layout);
-  const Tensor grad_output = check_grad_output(grad_output_, input, layout,
-                                               "sync_bn_backward_data");
+  const Tensor grad_output =
+      check_grad_output(grad_output_, input, layout, "sync_bn_backward_data");
   const Geometry g = geometry_of(input, layout);
   TORCH_CHECK(sums_.dim() == 1 && sums_.size(0) == 2 * g.C,
-              "sync_bn_backward_data: sums must have shape (2C,) = (",
-              2 * g.C, ",), got ", sums_.sizes());
+              "sync_bn_backward_data: sums must have shape (2C,) = (", 2 * g.C,
+              ",), got ", sums_.sizes());
   TORCH_CHECK(scale_.numel() == 1,
               "sync_bn_backward_data: scale must have one element, got ",
               scale_.numel());
-  TORCH_CHECK(sums_.device() == input.device() &&
-                  scale_.device() == input.device(),
-              "sync_bn_backward_data: sums and scale must be on ",
-              input.device());
+  TORCH_CHECK(
+      sums_.device() == input.device() && scale_.device() == input.device(),
+      "sync_bn_backward_data: sums and scale must be on ", input.device());
   const auto acc = acc_type_of(input.scalar_type());
-  const Tensor mean = channel_vector(mean_, "mean", input, acc);
-  const Tensor invstd = channel_vector(invstd_, "invstd", input, acc);
+  const Tensor mean = channel_vector(mean_, "mean", input, at::kDouble);
+  const Tensor invstd = channel_vector(invstd_, "invstd", input, at::kDouble);
   const Tensor weight = optional_vector(weight_, "weight", input, acc);
   const Tensor bias = optional_vector(bias_, "bias", input, acc);
   const Tensor sums = sums_.to(acc).contiguous();
-  const Tensor scale = scale_.to(acc).contiguous();
+  const Tensor scale = scale_.to(at::kDouble).contiguous();
   Tensor grad_input = empty_same_layout(input);
   if (g.numel() == 0) return grad_input;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_data_cuda",
-      [&] {
+      at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_data_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         constexpr int VMAX = vec_max<scalar_t>();
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
         scalar_t* dx = grad_input.data_ptr<scalar_t>();
-        const acc_t* pm = mean.const_data_ptr<acc_t>();
-        const acc_t* pi = invstd.const_data_ptr<acc_t>();
+        const double* pm = mean.const_data_ptr<double>();
+        const double* pi = invstd.const_data_ptr<double>();
         const acc_t* pw = ptr_or_null<acc_t>(weight);
         const acc_t* pb = ptr_or_null<acc_t>(bias);
         const acc_t* ps = sums.const_data_ptr<acc_t>();
-        const acc_t* pa = scale.const_data_ptr<acc_t>();
+        const double* pa = scale.const_data_ptr<double>();
         if (layout == Layout::kPlanar) {
-          const int v =
-              pick_vec(VMAX, sizeof(scalar_t), 1, {x, dy, dx}, false);
+          const int v = pick_vec(VMAX, sizeof(scalar_t), 1, {x, dy, dx}, false);
           with_vec2<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
             const FlatPlan p = plan_flat(g, V);
             cuda::data_planar_kernel<scalar_t, acc_t, V>
                 <<<unsigned(p.blocks), kThreads, 0, stream>>>(
-                    dy, x, dx, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb,
-                    ps, pa, relu);
+                    dy, x, dx, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb, ps,
+                    pa, relu);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         } else {
