@@ -111,9 +111,8 @@ class PureSyncBNFunction(torch.autograd.Function):
             dist.all_reduce(packed)
         C = x.size(1)
         sum_dy, sum_dy_xhat = packed[:C], packed[C:]
-        dx = (dyf - (sum_dy / n).view(shape) -
-              xhat * (sum_dy_xhat / n).view(shape)) * (invstd *
-                                                       weight).view(shape)
+        dx = (dyf - (sum_dy / n).view(shape) - xhat *
+              (sum_dy_xhat / n).view(shape)) * (invstd * weight).view(shape)
         return (dx.to(x.dtype), sum_dy_xhat / ctx.world, sum_dy / ctx.world,
                 None, None)
 
@@ -318,8 +317,10 @@ def run(world, args):
 
 def report(rows, args):
     """Prints the table and the checks of the targets; returns the rows."""
-    floor = {(r['shape'], r['layout'], r['dtype']): r['F.batch_norm']
-             for r in rows if r['world'] == 1}
+    floor = {
+        (r['shape'], r['layout'], r['dtype']): r['F.batch_norm']
+        for r in rows if r['world'] == 1
+    }
     names = [
         'MMSyncBN', 'F.batch_norm', 'PureSyncBN', 'AtenSyncBN',
         'torch.SyncBatchNorm'
@@ -365,11 +366,12 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    floor = {(r['shape'], r['layout'], r['dtype']): r['F.batch_norm']
-             for r in rows if r['world'] == 1}
+    floor = {
+        (r['shape'], r['layout'], r['dtype']): r['F.batch_norm']
+        for r in rows if r['world'] == 1
+    }
     names = ['MMSyncBN', 'PureSyncBN', 'AtenSyncBN', 'torch.SyncBatchNorm']
-    fig, axes = plt.subplots(
-        1, 2, figsize=(14, 5), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True, squeeze=False)
     for ax, world in zip(axes[0], (1, 2)):
         sel = [r for r in rows if r['world'] == world]
         labels = [f'{r["shape"]}\n{r["layout"]} {r["dtype"]}' for r in sel]
@@ -405,8 +407,7 @@ def main():
           f'(shape {args.shapes[0]}, float32): ' +
           ', '.join(f'{k} {v:.2f}' for k, v in memory.items()))
     if args.plot:
-        os.makedirs(os.path.dirname(os.path.abspath(args.plot)),
-                    exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         plot(rows, args.plot)
     if args.json:
         with open(args.json, 'w') as f:
