@@ -6,8 +6,9 @@
 #   .ci/compile_cuda.sh [file.cu ...]    default: every mmsync/ops/csrc/**/*.cu
 #
 # TORCH_CUDA_ARCH_LIST (default "9.0") picks the targets, as in setup.py.
-# Prints the register / spill report of each kernel, fails on any compile
-# error and on register spills, and prints the time taken.
+# Fails on any compile error; reports the kernel count, the most registers a
+# kernel uses and any register spills (a failure only with STRICT_SPILLS=1);
+# prints the time taken. COMPILE_CUDA_LOG=file keeps ptxas's full report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,9 +68,9 @@ for src in "${SOURCES[@]}"; do
     echo "compile_cuda: OK   $src ($(( $(date +%s) - start )) s, ${kernels} kernels, max ${maxreg:-?} registers)"
     grep -iE "warning" "$log" | grep -v "ptxas info" | sort -u | head -20 || true
     if [ -n "$spills" ]; then
-      echo "compile_cuda: register spills in $src:" >&2
-      echo "$spills" | sort -u >&2
-      status=1
+      echo "compile_cuda: register spills in $src (ptxas -v):"
+      echo "$spills" | sort | uniq -c
+      [ "${STRICT_SPILLS:-0}" = 1 ] && status=1
     fi
   else
     echo "compile_cuda: FAIL $src ($(( $(date +%s) - start )) s)" >&2

@@ -18,7 +18,7 @@ namespace cuda {
 // stats_merge_kernel; a grid of one split writes the packed buffer directly.
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
     stats_planar_kernel(const scalar_t* __restrict__ x, int64_t C, int64_t S,
                         int64_t M, int64_t per_block, CursorStep step,
                         acc_t* __restrict__ partial,
@@ -32,19 +32,17 @@ __global__ void __launch_bounds__(kThreads)
     acc_t n = acc_t(0), mean = acc_t(0), m2 = acc_t(0);
     PlaneCursor cur(lo + int64_t(threadIdx.x) * V, c, C, S);
     while (cur.i < hi) {
-      acc_t v[kUnroll * V];
+      Pack<scalar_t, V> p[kUnroll];
       int valid = 0;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (cur.i < hi) {
-          const Pack<scalar_t, V> p = load_pack<V>(x + cur.off);
-#pragma unroll
-          for (int j = 0; j < V; ++j) v[u * V + j] = acc_t(p.v[j]) - shift;
-          valid += V;
+          p[u] = load_pack<V>(x + cur.off);
+          ++valid;
         }
         cur.advance(step, S);
       }
-      welford_add<kUnroll * V>(n, mean, m2, v, valid);
+      welford_add<kUnroll, V>(n, mean, m2, p, valid, shift);
     }
     block_welford(n, mean, m2);
     if (threadIdx.x == 0) {
@@ -66,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
     stats_rows_kernel(const scalar_t* __restrict__ x, int64_t M, int64_t C,
                       int64_t rows_per_block, acc_t* __restrict__ partial,
                       double* __restrict__ packed, double weight,
@@ -93,19 +91,17 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < V; ++j) shift[j] = acc_t(base[j]);
       for (int64_t r = lo + ty; r < hi; r += int64_t(by) * kUnroll) {
-        acc_t v[kUnroll][V];
+        Pack<scalar_t, V> p[kUnroll];
         int valid = 0;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t rr = r + int64_t(u) * by;
           if (rr < hi) {
-            const Pack<scalar_t, V> p = load_pack<V>(base + rr * C);
-#pragma unroll
-            for (int j = 0; j < V; ++j) v[u][j] = acc_t(p.v[j]) - shift[j];
+            p[u] = load_pack<V>(base + rr * C);
             ++valid;
           }
         }
-        welford_add_rows<kUnroll, V>(n, mean, m2, v, valid);
+        welford_add_rows<kUnroll, V>(n, mean, m2, p, valid, shift);
       }
     }
     // Tree over the block's rows of threads (any blockDim.y): the upper
@@ -369,12 +365,16 @@ __global__ void __launch_bounds__(kThreads)
 // split writes `sums` (2C, acc_t) directly.
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads) reduce_planar_kernel(
-    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, int64_t C,
-    int64_t S, int64_t M, int64_t per_block, CursorStep step,
-    const double* __restrict__ mean, const double* __restrict__ invstd,
-    const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, bool relu,
-    acc_t* __restrict__ partial, acc_t* __restrict__ sums) {
+__global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
+    reduce_planar_kernel(
+        const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+        int64_t C, int64_t S, int64_t M, int64_t per_block, CursorStep step,
+        const double* __restrict__ mean, const double* __restrict__ invstd,
+        const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
+        bool relu, acc_t* __restrict__ partial, acc_t* __restrict__ sums) {
+  // Two tensors in flight: with 8-wide vectors, 2 of them per thread keep
+  // the registers under the kMinReduceBlocks bound.
+  constexpr int U = V >= 8 ? 2 : kUnroll;
   const int64_t splits = gridDim.x;
   const int64_t lo = int64_t(blockIdx.x) * per_block;
   const int64_t hi = lo + per_block < M ? lo + per_block : M;
@@ -386,10 +386,10 @@ __global__ void __launch_bounds__(kThreads) reduce_planar_kernel(
     for (int j = 0; j < V; ++j) s1[j] = s2[j] = acc_t(0);
     PlaneCursor cur(lo + int64_t(threadIdx.x) * V, c, C, S);
     while (cur.i < hi) {
-      Pack<scalar_t, V> gv[kUnroll], xv[kUnroll];
-      bool ok[kUnroll];
+      Pack<scalar_t, V> gv[U], xv[U];
+      bool ok[U];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         ok[u] = cur.i < hi;
         if (ok[u]) {
           gv[u] = load_pack<V>(dy + cur.off);
@@ -398,7 +398,7 @@ __global__ void __launch_bounds__(kThreads) reduce_planar_kernel(
         cur.advance(step, S);
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
+      for (int u = 0; u < U; ++u)
         if (ok[u]) {
 #pragma unroll
           for (int j = 0; j < V; ++j) {
@@ -429,7 +429,7 @@ __global__ void __launch_bounds__(kThreads) reduce_planar_kernel(
 }
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
     reduce_rows_kernel(const scalar_t* __restrict__ dy,
                        const scalar_t* __restrict__ x, int64_t M, int64_t C,
                        int64_t rows_per_block, const double* __restrict__ mean,
@@ -437,6 +437,9 @@ __global__ void __launch_bounds__(kThreads)
                        const acc_t* __restrict__ weight,
                        const acc_t* __restrict__ bias, bool relu,
                        acc_t* __restrict__ partial, acc_t* __restrict__ sums) {
+  // Two tensors in flight: with 8-wide vectors, 2 of them per thread keep
+  // the registers under the kMinReduceBlocks bound.
+  constexpr int U = V >= 8 ? 2 : kUnroll;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);
   constexpr int kState = 2 * V;  // s1[V], s2[V]
@@ -460,11 +463,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < V; ++j)
         k[j].load(cv * V + j, mean, invstd, weight, bias);
       const int64_t col = cv * V;
-      for (int64_t r = lo + ty; r < hi; r += int64_t(by) * kUnroll) {
-        Pack<scalar_t, V> gv[kUnroll], xv[kUnroll];
-        bool ok[kUnroll];
+      for (int64_t r = lo + ty; r < hi; r += int64_t(by) * U) {
+        Pack<scalar_t, V> gv[U], xv[U];
+        bool ok[U];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
+        for (int u = 0; u < U; ++u) {
           const int64_t rr = r + int64_t(u) * by;
           ok[u] = rr < hi;
           if (ok[u]) {
@@ -473,7 +476,7 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
+        for (int u = 0; u < U; ++u)
           if (ok[u]) {
 #pragma unroll
             for (int j = 0; j < V; ++j) {

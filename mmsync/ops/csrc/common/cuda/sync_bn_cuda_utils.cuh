@@ -18,6 +18,9 @@ constexpr int kWarps = kThreads / 32;
 // Vectors (PLANAR) or rows (ROWS) a reduction thread loads before it uses
 // any of them: enough bytes in flight to cover the memory latency.
 constexpr int kUnroll = 4;
+// Reduction kernels are compiled for at least this many resident blocks per
+// SM (at most 128 registers per thread on sm_90): enough loads in flight.
+constexpr int kMinReduceBlocks = 2;
 
 // V elements loaded or stored as one access (16 bytes at most).
 template <typename T, int V>
@@ -88,16 +91,16 @@ __device__ __forceinline__ void welford_add(acc_t& n, acc_t& mean, acc_t& m2,
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     part[u] = acc_t(0);
+    if (u < valid) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) part[u] += acc_t(p[u].v[j]) - shift;
+      for (int j = 0; j < V; ++j) part[u] += acc_t(p[u].v[j]) - shift;
+    }
   }
   acc_t sum = acc_t(0);
 #pragma unroll
-  for (int u = 0; u < U; ++u)
-    if (u < valid) sum += part[u];
+  for (int u = 0; u < U; ++u) sum += part[u];
   const acc_t nb = acc_t(valid * V);
-  const acc_t mb =
-      valid == U ? sum * (acc_t(1) / acc_t(U * V)) : sum / nb;
+  const acc_t mb = valid == U ? sum * (acc_t(1) / acc_t(U * V)) : sum / nb;
   acc_t m2b = acc_t(0);
 #pragma unroll
   for (int u = 0; u < U; ++u)
@@ -115,8 +118,8 @@ __device__ __forceinline__ void welford_add(acc_t& n, acc_t& mean, acc_t& m2,
 // count; `valid` rows of U, values minus shift[j].
 template <int U, int V, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void welford_add_rows(
-    acc_t& n, acc_t (&mean)[V], acc_t (&m2)[V],
-    const Pack<scalar_t, V> (&p)[U], int valid, const acc_t (&shift)[V]) {
+    acc_t& n, acc_t (&mean)[V], acc_t (&m2)[V], const Pack<scalar_t, V> (&p)[U],
+    int valid, const acc_t (&shift)[V]) {
   if (valid <= 0) return;
   const acc_t nb = acc_t(valid);
   const acc_t inv_nb = valid == U ? acc_t(1) / acc_t(U) : acc_t(1) / nb;
