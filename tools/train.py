@@ -24,6 +24,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from mmsync.datasets import steps_per_rank
+from mmsync.models import checkpoint_safe_globals
 from mmsync.registry import DATASETS, MODELS
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
@@ -58,7 +59,7 @@ def parse_args():
     parser.add_argument(
         '--amp',
         action='store_true',
-        help='automatic mixed precision (float16 on CUDA, bfloat16 on CPU)')
+        help='automatic mixed precision with loss scaling (CUDA only)')
     parser.add_argument(
         '--seed', type=int, help='random seed; default: cfg.randomness.seed')
     parser.add_argument(
@@ -109,6 +110,11 @@ def load_config(args) -> Config:
     if args.seed is not None:
         cfg.setdefault('randomness', {})['seed'] = args.seed
     if args.amp:
+        if not torch.cuda.is_available():
+            raise UsageError(
+                "--amp needs CUDA: mmengine's AmpOptimWrapper (float16 "
+                'autocast with loss scaling) runs on GPUs only; on CPU train '
+                'without --amp')
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
     return cfg
@@ -305,13 +311,19 @@ def main():
         print(f'{args.config}: norm layers {", ".join(norms) or "none"}; '
               f'train set {plan}; work dir {cfg.work_dir}')
         return
-    if env:
-        init_distributed(cfg, env)
+    backend = init_distributed(cfg, env) if env else None
     runner = (
         RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg))
-    runner.train()
+    if backend:
+        runner.logger.info(f'process group: {backend}, {runner.world_size} '
+                           f'ranks; train set {plan}')
+    # --resume and load_from read mmengine checkpoints with torch.load.
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        runner.train()
     if runner.rank == 0:
         draw_curves(runner)
+    if backend:
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

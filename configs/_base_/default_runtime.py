@@ -21,6 +21,10 @@ env_cfg = dict(
 
 # device_ids=None: DDP works for CPU and single-GPU modules alike (mmengine's
 # default passes LOCAL_RANK, which DDP rejects for a CPU model).
+# broadcast_buffers=False (mmengine's default): MMSyncBN's running statistics
+# are the same on every rank anyway; with True, MMSyncBN under DDP on gloo
+# was seen to abort a rank at exit ("terminate called without an active
+# exception", torch 2.13).
 model_wrapper_cfg = dict(
     type='MMDistributedDataParallel', broadcast_buffers=False, device_ids=None)
 

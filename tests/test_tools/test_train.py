@@ -1,0 +1,107 @@
+"""SyncBN's defining property, end to end through tools/ and real processes.
+
+2 processes with MMSyncBN (stats_mode='N') and batch B per process take the
+same steps as 1 process with plain BN and batch 2B on the same samples in the
+same order: the sampler (round_up=False) gives rank r positions r, r+2, ...
+of the shuffled epoch, so step k of the two ranks holds exactly the samples
+of step k of the single process. The loss is the mean over the global batch:
+each rank back-propagates 2/n * sum(its losses) (n: global batch size) and
+DDP averages, which stays exact in the last step of an epoch, where 333
+samples leave 13 = 7 + 6.
+"""
+import glob
+import json
+import os.path as osp
+import shutil
+
+import pytest
+from conftest import DEVICES, device_env
+from tools_launch import (BN_1X_CONFIG, SHORT_RUN_STEPS, SYNC_CONFIG,
+                          accuracies, assert_runs_match, free_port, losses,
+                          python, run, short_run_options)
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_sync_2proc_equals_bn_1proc_float64(runs, device):
+    """Two epochs (42 steps) agree to 1e-9."""
+    assert_runs_match(
+        runs.sync_2proc('float64', device),
+        runs.bn_1proc('float64', device),
+        rtol=1e-9)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_sync_2proc_equals_bn_1proc_float32(runs, device):
+    """The first epoch (21 steps, the unequal last batch included) agrees to
+    1e-4. Rounding differences grow by about 1e4 in 42 steps (float64's 1e-16
+    reach 1e-12), so float32's 1e-7 would reach 1e-3 in the second epoch."""
+    assert_runs_match(
+        runs.sync_2proc('float32', device),
+        runs.bn_1proc('float32', device),
+        rtol=1e-4,
+        epochs=1,
+        same_accuracy=False)
+
+
+def test_checkpoint_evaluates_in_one_process(runs, tmp_path):
+    """tools/test.py: no process group, MMSyncBN reverted, same accuracy."""
+    work_dir = runs.sync_2proc()
+    out = tmp_path / 'metrics.json'
+    result = run(
+        python('test.py', SYNC_CONFIG, osp.join(work_dir, 'epoch_2.pth'),
+               '--out', str(out)),
+        timeout=120,
+        env=device_env('cpu'))
+    top1 = json.loads(out.read_text())['accuracy/top1']
+    assert top1 == accuracies(work_dir)[-1]
+    assert f'accuracy/top1: {top1:.4f}' in result.stdout
+
+
+def test_curves_and_logs(runs, tmp_path):
+    """The log has the ETA and the process group; a PNG of the curves is
+    written after training, and analyze_logs.py draws it again."""
+    work_dir = runs.sync_2proc()
+    (png, ) = glob.glob(osp.join(work_dir, '*', 'curves.png'))
+    with open(png, 'rb') as f:
+        assert f.read(8) == PNG_SIGNATURE
+    (log, ) = glob.glob(osp.join(work_dir, '*', '*.log'))
+    with open(log, encoding='utf-8') as f:
+        text = f.read()
+    assert 'eta: ' in text
+    assert 'process group: gloo, 2 ranks' in text
+    out = tmp_path / 'again.png'
+    result = run(
+        python('analyze_logs.py', work_dir, '--out', str(out)), timeout=60)
+    assert result.stdout.strip() == str(out)
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_resume_continues_from_checkpoint(runs, tmp_path):
+    """--resume reads the latest checkpoint (through torch's weights_only
+    loader) and goes on from its step."""
+    work_dir = str(tmp_path / 'work')
+    shutil.copytree(runs.bn_1proc(), work_dir)
+    result = run(
+        python('train.py', BN_1X_CONFIG, '--work-dir', work_dir, '--resume',
+               *short_run_options('float64', 16, max_epochs=3)),
+        env=device_env('cpu'))
+    assert 'resumed epoch: 2' in result.stdout + result.stderr
+    steps = [step for step, _ in losses(work_dir)]
+    assert steps == list(
+        range(2 * SHORT_RUN_STEPS + 1, 3 * SHORT_RUN_STEPS + 1))
+    assert osp.isfile(osp.join(work_dir, 'epoch_3.pth'))
+
+
+def test_main_job_reaches_97_percent(tmp_path):
+    """The README's command: tools/dist_train.sh <mmsyncbn config> 2."""
+    work_dir = str(tmp_path / 'main')
+    run([
+        'bash', 'tools/dist_train.sh', SYNC_CONFIG, '2', '--work-dir', work_dir
+    ],
+        timeout=500,
+        env=device_env('cpu', PORT=str(free_port())))
+    top1 = accuracies(work_dir)
+    assert len(top1) == 15 and top1[-1] >= 97.0, top1
+    assert osp.isfile(osp.join(work_dir, 'epoch_15.pth'))

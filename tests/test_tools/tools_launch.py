@@ -1,0 +1,174 @@
+"""Run the tools as a user does: real processes, bounded in time.
+
+Every command runs in its own process group, so that on a timeout the whole
+tree (torchrun and its workers, srun and its tasks) is killed and the test
+fails with the tail of the output instead of hanging.
+"""
+import glob
+import json
+import os
+import os.path as osp
+import signal
+import socket
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from mmsync.models import checkpoint_safe_globals
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+TOOLS = osp.join(REPO, 'tools')
+CONFIGS = osp.join(REPO, 'configs', 'resnet_tiny')
+SYNC_CONFIG = osp.join(CONFIGS, 'resnet-tiny_mmsyncbn_2xb32-15e_digits.py')
+BN_1X_CONFIG = osp.join(CONFIGS, 'resnet-tiny_bn_1xb64-15e_digits.py')
+BN_2X_CONFIG = osp.join(CONFIGS, 'resnet-tiny_bn_2xb32-15e_digits.py')
+
+# A short run for equivalence checks: 333 samples split into 20 global
+# batches of 16 and a last one of 13 (7 + 6 on two ranks), the loss logged
+# at every step, a checkpoint after every epoch.
+SHORT_RUN_SAMPLES = 333
+SHORT_RUN_STEPS = 21  # per epoch, at a global batch of 16
+
+
+def short_run_options(dtype: str,
+                      batch_size: int,
+                      max_epochs: int = 2) -> List[str]:
+    """--cfg-options of a short run with this dtype and per-rank batch."""
+    return [
+        '--cfg-options', f'model.dtype={dtype}',
+        f'train_dataloader.batch_size={batch_size}',
+        f'train_dataloader.dataset.indices={SHORT_RUN_SAMPLES}',
+        f'train_cfg.max_epochs={max_epochs}',
+        'default_hooks.logger.interval=1', 'log_processor.window_size=1',
+        'default_hooks.checkpoint.interval=1'
+    ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def base_env(**extra: str) -> Dict[str, str]:
+    """The environment of a launch: the repo importable, one thread each."""
+    env = dict(os.environ)
+    env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+    env['OMP_NUM_THREADS'] = '1'
+    env.update(extra)
+    return env
+
+
+def start(cmd: Sequence[str],
+          env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    """Start ``cmd`` in the repo, in its own process group."""
+    return subprocess.Popen(
+        list(cmd),
+        cwd=REPO,
+        env=env or base_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True)
+
+
+def finish(proc: subprocess.Popen,
+           timeout: float) -> subprocess.CompletedProcess:
+    """Wait for ``proc``; on timeout kill its group and raise with output."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f'{proc.args} did not finish in {timeout} s (killed); output:\n'
+            f'{out[-3000:]}\n{err[-3000:]}')
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run(cmd: Sequence[str],
+        timeout: float = 300,
+        env: Optional[Dict[str, str]] = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to its end within ``timeout`` seconds.
+
+    With ``check``, a non-zero exit fails the test with the output's tail.
+    """
+    result = finish(start(cmd, env), timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f'{cmd} exited with {result.returncode}; output:\n'
+            f'{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
+    return result
+
+
+def python(*args: str) -> List[str]:
+    """A command running tools/<script> with this interpreter."""
+    return [sys.executable, osp.join(TOOLS, args[0]), *args[1:]]
+
+
+def scalars(work_dir: str, run: int = -1) -> List[Dict]:
+    """The records of a run's scalars.json; default: the latest run."""
+    files = sorted(
+        glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))
+    assert files, f'no run in {work_dir}'
+    with open(files[run], encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(work_dir: str, run: int = -1) -> List[Tuple[int, float]]:
+    """(step, training loss) of every logged step."""
+    return [(r['step'], r['loss']) for r in scalars(work_dir, run)
+            if 'loss' in r]
+
+
+def accuracies(work_dir: str, run: int = -1) -> List[float]:
+    """Validation top-1 accuracy after each validated epoch."""
+    return [
+        r['accuracy/top1'] for r in scalars(work_dir, run)
+        if 'accuracy/top1' in r
+    ]
+
+
+def state_dict(checkpoint: str) -> Dict[str, torch.Tensor]:
+    """The model weights and buffers of a checkpoint of tools/train.py."""
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        return torch.load(checkpoint, map_location='cpu')['state_dict']
+
+
+def assert_runs_match(work_dir: str,
+                      ref_dir: str,
+                      rtol: float,
+                      epochs: int = 2,
+                      same_accuracy: bool = True) -> None:
+    """Two short runs agree over their first ``epochs`` epochs: the loss at
+    every step, the weights and buffers at the end, the validation accuracy.
+
+    Args:
+        work_dir (str): Work dir of the run under test.
+        ref_dir (str): Work dir of the reference run.
+        rtol (float): Bound on each difference relative to the reference
+            loss, or to the largest magnitude of the reference tensor.
+        epochs (int): Epochs compared. Default: 2.
+        same_accuracy (bool): Also require equal accuracies (a difference
+            of ``rtol`` can flip a borderline prediction). Default: True.
+    """
+    steps = epochs * SHORT_RUN_STEPS
+    got, want = losses(work_dir)[:steps], losses(ref_dir)[:steps]
+    assert [s for s, _ in got] == [s for s, _ in want] == list(
+        range(1, steps + 1))
+    for (step, a), (_, b) in zip(got, want):
+        assert abs(a - b) <= rtol * abs(b), f'loss at step {step}: {a} != {b}'
+    got, want = (
+        state_dict(osp.join(d, f'epoch_{epochs}.pth'))
+        for d in (work_dir, ref_dir))
+    assert got.keys() == want.keys()
+    for key, ref in want.items():
+        err = (got[key].double() - ref.double()).abs().max().item()
+        scale = max(ref.double().abs().max().item(), 1e-12)
+        assert err <= rtol * scale, f'{key}: max abs difference {err}'
+    if same_accuracy:
+        assert accuracies(work_dir)[:epochs] == accuracies(ref_dir)[:epochs]

@@ -1,0 +1,75 @@
+"""Evaluate a checkpoint in one process on CPU, without a process group.
+
+MMSyncBN layers are reverted to BatchNorm on load, so a model trained on
+many GPUs or nodes is checked on a laptop::
+
+    python tools/test.py CONFIG CHECKPOINT [--out metrics.json]
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+
+import torch
+from mmengine.config import Config, DictAction
+from mmengine.evaluator import Evaluator
+from mmengine.runner import Runner
+
+from mmsync.models import init_model
+
+
+def parse_args():
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(
+        description='Evaluate a checkpoint on the test set of its config, '
+        'in one CPU process.')
+    parser.add_argument('config', help='config file path')
+    parser.add_argument('checkpoint', help='checkpoint file (.pth)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config entries, e.g. test_dataloader.batch_size=64')
+    parser.add_argument('--out', help='also write the metrics to this JSON')
+    return parser.parse_args()
+
+
+def evaluate(model, cfg) -> dict:
+    """Metrics of ``model`` on ``cfg.test_dataloader``."""
+    loader = Runner.build_dataloader(cfg.test_dataloader)
+    evaluator = Evaluator(cfg.test_evaluator)
+    evaluator.dataset_meta = getattr(loader.dataset, 'metainfo', None)
+    with torch.no_grad():
+        for batch in loader:
+            evaluator.process(model.test_step(batch), batch)
+    return evaluator.evaluate(len(loader.dataset))
+
+
+def main():
+    """Load the model, evaluate it, print (and write) the metrics."""
+    args = parse_args()
+    for name in ('config', 'checkpoint'):
+        path = getattr(args, name)
+        if not osp.isfile(path):
+            print(
+                f'test.py: error: {name} file {path!r} not found',
+                file=sys.stderr)
+            sys.exit(2)
+    try:
+        cfg = Config.fromfile(args.config)
+    except Exception as e:
+        print(
+            f'test.py: error: cannot read config {args.config!r}: '
+            f'{type(e).__name__}: {e}',
+            file=sys.stderr)
+        sys.exit(2)
+    model = init_model(cfg, args.checkpoint, args.cfg_options)
+    metrics = evaluate(model, cfg)
+    print(' '.join(f'{k}: {v:.4f}' for k, v in metrics.items()))
+    if args.out:
+        with open(args.out, 'w', encoding='utf-8') as f:
+            json.dump(metrics, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()
