@@ -66,8 +66,7 @@ def _rewrite_cu(text):
         raise RuntimeError('CUDA emulation build: a kernel launch was not '
                            'rewritten; update build.py')
     text = _sub(r'TORCH_LIBRARY_IMPL\(mmsync, CUDA, m\)',
-                'TORCH_LIBRARY_IMPL(mmsync_emu, CPU, m)', text,
-                'registration')
+                'TORCH_LIBRARY_IMPL(mmsync_emu, CPU, m)', text, 'registration')
     return _sub(r'\.is_cuda\(\)', '.is_cpu()', text, 'is_cuda checks')
 
 
@@ -139,8 +138,9 @@ def build(verbose=False):
     src_dir = osp.join(build_dir, 'src')
     for rel, text in texts.items():
         _write(osp.join(src_dir, rel), text)
-    _write(osp.join(src_dir, 'pytorch', 'emu_prelude.h'),
-           _read(osp.join(HERE, 'emu_prelude.h')))
+    _write(
+        osp.join(src_dir, 'pytorch', 'emu_prelude.h'),
+        _read(osp.join(HERE, 'emu_prelude.h')))
     load(
         name=f'mmsync_cuda_emu_{tag}',
         sources=[

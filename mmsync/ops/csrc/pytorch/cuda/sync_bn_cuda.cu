@@ -57,8 +57,9 @@ bool aligned_to(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
 }
 
-// Widest vector of vmax, vmax / 2 or 1 elements that divides `extent` and
-// to which every pointer is aligned (vmax / 2 skipped unless `halves`).
+// Widest vector of vmax, vmax / 2 or 1 elements that divides `extent` (0:
+// any width; the flat kernels handle a tail) and to which every pointer is
+// aligned (vmax / 2 skipped unless `halves`).
 int pick_vec(int vmax, int64_t elem_size, int64_t extent,
              std::initializer_list<const void*> ptrs, bool halves) {
   for (int v = vmax; v > 1; v /= 2) {
@@ -403,7 +404,7 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
         const acc_t* pw = ptr_or_null<acc_t>(weight);
         const acc_t* pb = ptr_or_null<acc_t>(bias);
         if (layout == Layout::kPlanar) {
-          const int v = pick_vec(VMAX, sizeof(scalar_t), 1, {x, y}, false);
+          const int v = pick_vec(VMAX, sizeof(scalar_t), 0, {x, y}, false);
           with_vec2<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
             const FlatPlan p = plan_flat(g, V);
@@ -558,7 +559,7 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
         const acc_t* ps = sums.const_data_ptr<acc_t>();
         const double* pa = scale.const_data_ptr<double>();
         if (layout == Layout::kPlanar) {
-          const int v = pick_vec(VMAX, sizeof(scalar_t), 1, {x, dy, dx}, false);
+          const int v = pick_vec(VMAX, sizeof(scalar_t), 0, {x, dy, dx}, false);
           with_vec2<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
             const FlatPlan p = plan_flat(g, V);

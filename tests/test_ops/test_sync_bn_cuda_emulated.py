@@ -1,0 +1,291 @@
+"""The CUDA kernels and launchers of sync_bn, run by a CPU emulation of CUDA.
+
+CI has no GPU, so ``cuda_emulation/`` compiles ``sync_bn_cuda.cu`` and the
+kernel templates with the host compiler (``<<<>>>`` launches rewritten to an
+emulator that runs every CUDA thread as a fiber, with real barriers and warp
+shuffles in a seeded random order) and registers the ops as
+``torch.ops.mmsync_emu.*`` for CPU tensors. The tests compare them with
+``F.batch_norm`` in float64 over the concatenated batch, and check that every
+kernel instance the launchers can choose has run.
+
+What this cannot show: speed, memory-model effects beyond barriers (the
+emulator is sequentially consistent), 64-bit indexing past 2^31 elements,
+grids past 65535 channels, and the nvcc code generation itself;
+``test_sync_bn_cuda.py`` checks those on a GPU.
+"""
+import re
+import sys
+
+import pytest
+import torch
+
+from sync_bn_cuda_cases import OpCase, run_case, stats_case_failures
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith('linux'),
+    reason='the CUDA emulation uses ucontext fibers (Linux only)')
+
+DTYPES = ('float32', 'float16', 'bfloat16', 'float64')
+VMAX = {'float32': 4, 'float16': 8, 'bfloat16': 8, 'float64': 2}
+DTYPES_T = {
+    'float32': torch.float32,
+    'float16': torch.float16,
+    'bfloat16': torch.bfloat16,
+    'float64': torch.float64
+}
+CPP = {
+    'float32': 'float',
+    'float16': 'Half',
+    'bfloat16': 'BFloat16',
+    'float64': 'double'
+}
+
+
+@pytest.fixture(scope='module')
+def emu():
+    sys.path.insert(0, __file__.rsplit('/', 1)[0] + '/cuda_emulation')
+    try:
+        import build
+    finally:
+        sys.path.pop(0)
+    ops = build.build()
+    ops.emu_config(4, 1)
+    ops.emu_trace()
+    return ops
+
+
+def geometries(dtype):
+    """(name, shape, layout) that select each kernel variant for dtype.
+
+    PLANAR reductions load vectors of VMAX, VMAX/2 or 1 elements by S % V;
+    the flat PLANAR passes VMAX unless misaligned (vectors then span
+    planes when S % V != 0); ROWS kernels by C % V.
+    """
+    vmax = VMAX[dtype]
+    half = max(vmax // 2, 1)
+    out = [
+        ('planar-vmax', (5, 3, 4, vmax), 'contiguous'),
+        ('planar-odd-S', (5, 3, 5), 'contiguous'),
+        ('planar-misaligned', (4, 3, 2, 3), 'misaligned'),
+        ('rows-vmax', (5, 2 * vmax, 2, 3), 'channels_last'),
+        ('rows-odd-C', (7, 3), 'contiguous'),
+        ('rows-misaligned', (6, 2 * vmax), 'misaligned'),
+        ('rows-3d', (3, vmax, 2, 2, 3), 'channels_last'),
+        ('strided', (4, 3, 2, 5), 'strided'),
+    ]
+    if half > 1:
+        out += [
+            ('planar-vhalf', (5, 3, 3, 2 * half), 'contiguous'),
+            ('rows-vhalf', (5, 3 * half), 'contiguous'),
+        ]
+    return out
+
+
+def _check(emu, case, sms=3, seed=1):
+    emu.emu_config(sms, seed)
+    failures = run_case(emu, case, 'cpu')
+    assert failures == [], '\n'.join(failures)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_kernel_variants(emu, dtype):
+    """Every vector width and layout path of every op, one rank."""
+    for name, shape, layout in geometries(dtype):
+        _check(
+            emu,
+            OpCase(
+                shape,
+                layout=layout,
+                dtype=dtype,
+                relu=True,
+                name=f'{name},{dtype}'))
+
+
+@pytest.mark.parametrize(
+    'options', [
+        dict(),
+        dict(relu=True),
+        dict(affine=False),
+        dict(affine=False, relu=True),
+        dict(momentum=None),
+        dict(running=False),
+        dict(by_count=False),
+        dict(splits=[2, 0, 3]),
+        dict(splits=[0, 5]),
+        dict(splits=[1, 1, 1, 2], relu=True),
+        dict(by_count=False, splits=[0, 5, 0]),
+        dict(offset=1e4),
+        dict(offset=1e4, dtype='float64'),
+        dict(offset=1e4, layout='channels_last'),
+        dict(finalize_dtype='float32'),
+        dict(dtype='float16', finalize_dtype='float32'),
+    ],
+    ids=lambda o: ','.join(f'{k}={v}' for k, v in o.items()) or 'plain')
+def test_options(emu, options):
+    shape = (5, 4, 3, 4) if 'layout' not in options else (5, 8, 3, 4)
+    _check(emu, OpCase(shape, seed=7, **options))
+
+
+@pytest.mark.parametrize('dtype', ('float32', 'float16'))
+@pytest.mark.parametrize('layout', ('contiguous', 'channels_last'))
+def test_split_grids(emu, dtype, layout):
+    """Channels reduced by several blocks, merged in float64 afterwards."""
+    shape = (16, 2, 32, 32) if layout == 'contiguous' else (64, 16, 8, 8)
+    emu.emu_config(4, 2)
+    emu.emu_trace()
+    failures = run_case(
+        emu,
+        OpCase(shape, layout=layout, dtype=dtype, relu=True,
+               offset=100.0), 'cpu')
+    trace = emu.emu_trace()
+    assert failures == [], '\n'.join(failures)
+    assert 'stats_merge_kernel' in trace and 'reduce_merge_kernel' in trace
+
+
+def test_channel_tiles(emu):
+    """ROWS with more channel vectors than one block holds."""
+    _check(emu, OpCase((6, 1032), relu=True), sms=2)
+    _check(emu, OpCase((3, 1030, 2, 1), layout='channels_last'), sms=2)
+
+
+def test_empty_batch_everywhere(emu):
+    """All ranks empty: zero statistics, no running-stat update."""
+    emu.emu_config(3, 1)
+    x = torch.empty(0, 3, 4, 4)
+    stats = emu.sync_bn_forward_stats(x, True)
+    assert torch.equal(stats, torch.zeros(8, dtype=torch.float64))
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    mean, invstd, scale = emu.sync_bn_forward_finalize(stats, rm, rv,
+                                                       torch.tensor(1), 0.1,
+                                                       1e-5, 0, True,
+                                                       torch.float64)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert torch.equal(mean, torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(invstd, torch.full((3, ), 1e-5).double().rsqrt())
+    assert scale.item() == 0.0
+    assert emu.sync_bn_forward_output(x, mean, invstd, None, None,
+                                      False).shape == x.shape
+    sums = emu.sync_bn_backward_reduce(x, x, mean, invstd, None, None, True)
+    assert torch.equal(sums, torch.zeros(6))
+    assert emu.sync_bn_backward_data(x, x, mean, invstd, None, None, sums,
+                                     scale, True).shape == x.shape
+
+
+@pytest.mark.parametrize(
+    'run_dtype', (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize('contiguous', (True, False))
+def test_finalize_running_dtypes(emu, run_dtype, contiguous):
+    """Running stats of any float dtype, contiguous or not, updated in place
+    from float64 exactly as the CPU op does."""
+    import mmsync.ops  # noqa: F401  (the CPU ops are the reference here)
+    emu.emu_config(3, 1)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, 7, generator=gen) * 3 + 1
+    stats = emu.sync_bn_forward_stats(x, True)
+    results = []
+    for ops in (emu, torch.ops.mmsync):
+        base = torch.randn(5, 2, generator=torch.Generator().manual_seed(4))
+        rm = base[:, 0].to(run_dtype)
+        rv = (base[:, 1].abs() + 0.5).to(run_dtype)
+        if contiguous:
+            rm, rv = rm.contiguous(), rv.contiguous()
+        out = ops.sync_bn_forward_finalize(stats, rm, rv, torch.tensor(4),
+                                           None, 1e-5, 42, True, torch.float64)
+        results.append((out, rm, rv))
+    (out_e, rm_e, rv_e), (out_c, rm_c, rv_c) = results
+    assert rm_e.dtype == run_dtype and rv_e.dtype == run_dtype
+    for a, b in zip(out_e, out_c):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rm_e, rm_c, rtol=0, atol=0)
+    torch.testing.assert_close(rv_e, rv_c, rtol=0, atol=0)
+
+
+def test_deterministic_under_any_schedule(emu):
+    """Fixed-order reductions: bitwise equal results whatever the order in
+    which the emulator runs threads between barriers."""
+    outs = []
+    for seed in (1, 99):
+        emu.emu_config(4, seed)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(16, 2, 32, 32, generator=gen)
+        dy = torch.randn(16, 2, 32, 32, generator=gen)
+        stats = emu.sync_bn_forward_stats(x, True)
+        mean, invstd, scale = emu.sync_bn_forward_finalize(
+            stats, None, None, None, 0.1, 1e-5, 16 * 32 * 32, True,
+            torch.float64)
+        sums = emu.sync_bn_backward_reduce(dy, x, mean, invstd, None, None,
+                                           False)
+        dx = emu.sync_bn_backward_data(dy, x, mean, invstd, None, None, sums,
+                                       scale, False)
+        outs.append((stats, sums, dx))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_block_counts_stay_exact(emu):
+    """More than 2^22 values of a channel in one block would make float32
+    counts inexact: the launcher splits such channels."""
+    emu.emu_config(1, 1)
+    emu.emu_trace()
+    x = torch.randn(1, 8, (1 << 22) + 4) + 3.0
+    failures = stats_case_failures(emu, x, True)
+    trace = emu.emu_trace()
+    assert failures == [], failures
+    grid = re.search(r'stats_planar_kernel<[^>]*> grid=\((\d+),(\d+)\)', trace)
+    assert grid and int(grid.group(1)) >= 2, trace
+
+
+def _instances(trace):
+    """Kernel template instances in an emulator trace."""
+    names = set()
+    for line in trace.splitlines():
+        m = re.match(r'void mmsync::cuda::(\w+)<([^>]*)>', line)
+        if m:
+            args = ','.join(a.strip().replace('c10::', '')
+                            for a in m.group(2).split(','))
+            names.add(f'{m.group(1)}<{args}>')
+    return names
+
+
+def test_every_kernel_instance_runs(emu):
+    """The matrix above reaches every kernel the launchers can pick."""
+    emu.emu_config(4, 5)
+    emu.emu_trace()
+    for dtype in DTYPES:
+        for name, shape, layout in geometries(dtype):
+            run_case(emu, OpCase(shape, layout=layout, dtype=dtype), 'cpu')
+        for layout, shape in (('contiguous', (16, 2, 32, 32)),
+                              ('channels_last', (64, 2 * VMAX[dtype], 8, 8))):
+            run_case(emu, OpCase(shape, layout=layout, dtype=dtype), 'cpu')
+        run_case(emu, OpCase((5, 3, 4), dtype=dtype, finalize_dtype='float32'),
+                 'cpu')
+    for run in ('float16', 'bfloat16'):
+        x = torch.randn(4, 3, 5)
+        stats = emu.sync_bn_forward_stats(x, True)
+        for out in (torch.float32, torch.float64):
+            emu.sync_bn_forward_finalize(stats,
+                                         torch.zeros(3).to(DTYPES_T[run]),
+                                         torch.ones(3).to(DTYPES_T[run]), None,
+                                         0.1, 1e-5, 20, True, out)
+    ran = _instances(emu.emu_trace())
+    want = set()
+    for dtype in DTYPES:
+        t, vmax = CPP[dtype], VMAX[dtype]
+        acc = 'double' if dtype == 'float64' else 'float'
+        widths = sorted({vmax, max(vmax // 2, 1), 1})
+        for v in widths:
+            for k in ('stats_planar_kernel', 'stats_rows_kernel',
+                      'reduce_planar_kernel', 'reduce_rows_kernel',
+                      'output_rows_kernel', 'data_rows_kernel'):
+                want.add(f'{k}<{t},{acc},{v}>')
+        for v in sorted({vmax, 1}):
+            for k in ('output_planar_kernel', 'data_planar_kernel'):
+                want.add(f'{k}<{t},{acc},{v}>')
+    for acc in ('float', 'double'):
+        want.add(f'stats_merge_kernel<{acc}>')
+        want.add(f'reduce_merge_kernel<{acc}>')
+        for run in ('float', 'double', 'Half', 'BFloat16'):
+            want.add(f'finalize_kernel<{acc},{run}>')
+    missing = sorted(want - ran)
+    assert missing == [], f'kernel instances never run: {missing}'
