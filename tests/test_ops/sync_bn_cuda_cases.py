@@ -31,6 +31,36 @@ FLOOR = {
     'bfloat16': 1e-3,
 }
 
+# Elements in a 16-byte vector: the widest load of the CUDA kernels.
+VMAX = {'float32': 4, 'float16': 8, 'bfloat16': 8, 'float64': 2}
+
+
+def geometries(dtype):
+    """(name, shape, layout) that select each kernel variant for dtype.
+
+    PLANAR reductions load vectors of VMAX, VMAX/2 or 1 elements by S % V;
+    the flat PLANAR passes VMAX unless misaligned (vectors then span
+    planes when S % V != 0); ROWS kernels by C % V.
+    """
+    vmax = VMAX[dtype]
+    half = max(vmax // 2, 1)
+    out = [
+        ('planar-vmax', (5, 3, 4, vmax), 'contiguous'),
+        ('planar-odd-S', (5, 3, 5), 'contiguous'),
+        ('planar-misaligned', (4, 3, 2, 3), 'misaligned'),
+        ('rows-vmax', (5, 2 * vmax, 2, 3), 'channels_last'),
+        ('rows-odd-C', (7, 3), 'contiguous'),
+        ('rows-misaligned', (6, 2 * vmax), 'misaligned'),
+        ('rows-3d', (3, vmax, 2, 2, 3), 'channels_last'),
+        ('strided', (4, 3, 2, 5), 'strided'),
+    ]
+    if half > 1:
+        out += [
+            ('planar-vhalf', (5, 3, 3, 2 * half), 'contiguous'),
+            ('rows-vhalf', (5, 3 * half), 'contiguous'),
+        ]
+    return out
+
 
 @dataclass
 class OpCase:
@@ -108,7 +138,7 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def _oracle(x, dy, weight, bias, running, momentum, eps, relu):
+def oracle(x, dy, weight, bias, running, momentum, eps, relu):
     """F.batch_norm (training) in float64 over the whole batch."""
     x = x.double().clone().requires_grad_()
     w = b = None
@@ -143,6 +173,36 @@ def _oracle(x, dy, weight, bias, running, momentum, eps, relu):
         running_var=rv)
 
 
+def compare(got: torch.Tensor,
+            want: torch.Tensor,
+            dtype: torch.dtype,
+            precision: Optional[torch.dtype] = None,
+            offset: float = 0.0) -> str:
+    """'' if ``got`` matches ``want``, else what is wrong.
+
+    The tolerance is twice the rounding of ``want`` to ``dtype`` (the dtype
+    of ``got``) plus the floor of ``precision`` (the dtype the arithmetic
+    ran in, ``dtype`` by default), relative to the magnitude of ``want``.
+    The float64 cross-rank combine of E[x^2] - mean^2 loses about
+    (mean / std)^2 units of float64 rounding, which ``offset`` (the mean of
+    the data, std ~ 2) accounts for.
+    """
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    if got.shape != want.shape:
+        return f'shape {tuple(got.shape)} != {tuple(want.shape)}'
+    if not torch.isfinite(got).all():
+        return 'non-finite values'
+    names = {v: k for k, v in DTYPES.items()}
+    floor = max(FLOOR[names[precision or dtype]], 2.0**-52 * (offset / 2)**2)
+    rounding = _max_err(want.to(dtype), want)
+    scale = max(1.0, want.abs().max().item() if want.numel() else 1.0)
+    tol = 2 * rounding + floor * scale
+    err = _max_err(got, want)
+    if not err <= tol:
+        return f'max error {err:.3g} > tolerance {tol:.3g}'
+    return ''
+
+
 def run_case(ops, case: OpCase, device: str) -> List[str]:
     """Runs ``case`` with the op namespace ``ops``; returns mismatches."""
     dtype = DTYPES[case.dtype]
@@ -175,28 +235,10 @@ def run_case(ops, case: OpCase, device: str) -> List[str]:
     def fail(what):
         failures.append(f'[{case.describe()}] {what}')
 
-    # The float64 cross-rank combine of E[x^2] - mean^2 loses about
-    # (mean / std)^2 units of float64 rounding (the packed buffer's design).
-    combine = 2.0**-52 * (case.offset / 2)**2
-
     def expect(what, got, want, dtype_of_got, precision=None):
-        """got vs want: twice the rounding of want to got's dtype, plus
-        the floor of ``precision`` (the arithmetic's dtype)."""
-        got, want = got.double().cpu(), want.double().cpu()
-        if got.shape != want.shape:
-            fail(f'{what}: shape {tuple(got.shape)} != {tuple(want.shape)}')
-            return
-        if not torch.isfinite(got).all():
-            fail(f'{what}: non-finite values')
-            return
-        names = {v: k for k, v in DTYPES.items()}
-        floor = FLOOR[names[precision or dtype_of_got]]
-        rounding = _max_err(want.to(dtype_of_got), want)
-        scale = max(1.0, want.abs().max().item() if want.numel() else 1.0)
-        tol = 2 * rounding + max(floor, combine) * scale
-        err = _max_err(got, want)
-        if not err <= tol:
-            fail(f'{what}: max error {err:.3g} > tolerance {tol:.3g}')
+        err = compare(got, want, dtype_of_got, precision, case.offset)
+        if err:
+            fail(f'{what}: {err}')
 
     to_dev = dict(device=device)
     w = weight.to(acc).to(**to_dev) if weight is not None else None
@@ -261,7 +303,7 @@ def run_case(ops, case: OpCase, device: str) -> List[str]:
         # consistency between ranks are checked here (the module tests
         # hold its oracle).
         return failures
-    ref = _oracle(xq, dyq, weight, bias, running, eff_momentum, eps, case.relu)
+    ref = oracle(xq, dyq, weight, bias, running, eff_momentum, eps, case.relu)
     if sum(splits) > 0:
         expect('mean', results[0][0], ref['mean'], fdtype, acc)
         expect('invstd', results[0][1], ref['invstd'], fdtype, acc)

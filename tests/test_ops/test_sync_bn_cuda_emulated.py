@@ -19,14 +19,14 @@ import sys
 import pytest
 import torch
 
-from sync_bn_cuda_cases import OpCase, run_case, stats_case_failures
+from sync_bn_cuda_cases import (VMAX, OpCase, geometries, run_case,
+                                stats_case_failures)
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith('linux'),
     reason='the CUDA emulation uses ucontext fibers (Linux only)')
 
 DTYPES = ('float32', 'float16', 'bfloat16', 'float64')
-VMAX = {'float32': 4, 'float16': 8, 'bfloat16': 8, 'float64': 2}
 DTYPES_T = {
     'float32': torch.float32,
     'float16': torch.float16,
@@ -52,33 +52,6 @@ def emu():
     ops.emu_config(4, 1)
     ops.emu_trace()
     return ops
-
-
-def geometries(dtype):
-    """(name, shape, layout) that select each kernel variant for dtype.
-
-    PLANAR reductions load vectors of VMAX, VMAX/2 or 1 elements by S % V;
-    the flat PLANAR passes VMAX unless misaligned (vectors then span
-    planes when S % V != 0); ROWS kernels by C % V.
-    """
-    vmax = VMAX[dtype]
-    half = max(vmax // 2, 1)
-    out = [
-        ('planar-vmax', (5, 3, 4, vmax), 'contiguous'),
-        ('planar-odd-S', (5, 3, 5), 'contiguous'),
-        ('planar-misaligned', (4, 3, 2, 3), 'misaligned'),
-        ('rows-vmax', (5, 2 * vmax, 2, 3), 'channels_last'),
-        ('rows-odd-C', (7, 3), 'contiguous'),
-        ('rows-misaligned', (6, 2 * vmax), 'misaligned'),
-        ('rows-3d', (3, vmax, 2, 2, 3), 'channels_last'),
-        ('strided', (4, 3, 2, 5), 'strided'),
-    ]
-    if half > 1:
-        out += [
-            ('planar-vhalf', (5, 3, 3, 2 * half), 'contiguous'),
-            ('rows-vhalf', (5, 3 * half), 'contiguous'),
-        ]
-    return out
 
 
 def _check(emu, case, sms=3, seed=1):
