@@ -272,3 +272,10 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr,
   *value = device;
   return cudaSuccess;
 }
+
+// An SM holds 2048 threads and at most 8 blocks, whatever the kernel.
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+    int* blocks, const void*, int threads, size_t) {
+  *blocks = std::max(1, std::min(8, 2048 / std::max(threads, 1)));
+  return cudaSuccess;
+}

@@ -14,6 +14,8 @@
 #include <atomic>
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 
@@ -27,11 +29,6 @@ using at::Tensor;
 using cuda::kThreads;
 using cuda::kUnroll;
 
-// Reduction blocks resident per SM (256 threads, <= 64 registers each): the
-// reduction grids aim at one full wave.
-constexpr int64_t kReduceBlocksPerSM = 4;
-// Elementwise grids are grid-stride loops of this many blocks per SM.
-constexpr int64_t kElementwiseBlocksPerSM = 8;
 // Elements (PLANAR) or rows (ROWS) of one channel in one reduction block:
 // keeps float32 counts exact (< 2^24).
 constexpr int64_t kMaxBlockCount = int64_t(1) << 22;
@@ -51,6 +48,57 @@ int sm_count() {
   sms = std::max(sms, 1);
   if (dev >= 0 && dev < 256) cache[dev].store(sms, std::memory_order_relaxed);
   return sms;
+}
+
+// Blocks of `kernel` that the whole GPU holds at once with this block size
+// and dynamic shared memory: one full wave. Grids are sized in waves, since
+// a partial last wave of equal blocks costs as much as a full one. Cached
+// per (kernel, block, device): the query is a driver call.
+int64_t wave_blocks(const void* kernel, int threads, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t, int>, int64_t> cache;
+  const int dev = c10::cuda::current_device();
+  const auto key = std::make_tuple(kernel, threads, smem, dev);
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
+                                                               threads, smem));
+  const int64_t wave = int64_t(std::max(per_sm, 1)) * sm_count();
+  const std::lock_guard<std::mutex> lock(mu);
+  cache.emplace(key, wave);
+  return wave;
+}
+
+template <typename Kernel>
+const void* as_key(Kernel* kernel) {
+  return reinterpret_cast<const void*>(kernel);
+}
+
+// Blocks per item (splits) for `items` independent items (channels or
+// channel tiles) in [lo, hi]: the fewest that fill at least ~one wave and
+// leave the last wave >= 90% full, else the least wasteful tried; hi when
+// even hi cannot fill one wave.
+int64_t balanced_splits(int64_t items, int64_t wave, int64_t lo, int64_t hi) {
+  hi = std::max(hi, lo);
+  if (items * hi <= wave) return hi;
+  const int64_t first =
+      std::max(lo, std::min(hi, ceil_div(wave * 9, items * 10)));
+  int64_t best = first;
+  double best_fill = -1.0;
+  for (int64_t s = first; s <= hi && s < first + 256; ++s) {
+    const int64_t blocks = items * s;
+    const double fill = double(blocks) / double(ceil_div(blocks, wave) * wave);
+    if (fill >= 0.9) return s;
+    if (fill > best_fill) {
+      best_fill = fill;
+      best = s;
+    }
+  }
+  return best;
 }
 
 bool aligned_to(const void* p, int64_t bytes) {
@@ -104,14 +152,14 @@ struct PlanarPlan {
   cuda::CursorStep step;
 };
 
-PlanarPlan plan_planar(const Geometry& g, int V) {
+PlanarPlan plan_planar(const Geometry& g, int V, int64_t wave) {
   PlanarPlan p;
   const int64_t M = g.N * g.S, Mv = M / V;
   p.grid_c = std::min<int64_t>(g.C, 65535);
-  int64_t splits = ceil_div(int64_t(sm_count()) * kReduceBlocksPerSM, p.grid_c);
-  splits = std::min(splits,
-                    std::max<int64_t>(1, Mv / (int64_t(kThreads) * kUnroll)));
-  splits = std::max(splits, ceil_div(M, kMaxBlockCount));
+  // Each thread should see at least one batch of kUnroll vectors.
+  const int64_t most = std::max<int64_t>(1, Mv / (int64_t(kThreads) * kUnroll));
+  const int64_t splits =
+      balanced_splits(p.grid_c, wave, ceil_div(M, kMaxBlockCount), most);
   p.per_block = ceil_div(Mv, splits) * V;
   p.splits = ceil_div(M, p.per_block);
   const int64_t step = int64_t(kThreads) * V;
@@ -124,15 +172,17 @@ PlanarPlan plan_planar(const Geometry& g, int V) {
 }
 
 // ROWS grid: blockDim (bx channel vectors, by rows), gridDim (row blocks,
-// channel tiles).
+// channel tiles). The block shape comes first (shape_rows), the grid once
+// the kernel's wave is known (grid_rows).
 struct RowsPlan {
   int bx, by;
   int64_t tiles, rows_per_block, row_blocks;
+  int threads() const { return bx * by; }
 };
 
-RowsPlan plan_rows(const Geometry& g, int V, bool reduction) {
+RowsPlan shape_rows(const Geometry& g, int V) {
   RowsPlan p;
-  const int64_t Cv = g.C / V, M = g.rows();
+  const int64_t Cv = g.C / V;
   if (Cv <= kThreads) {
     p.bx = int(Cv);
     p.tiles = 1;
@@ -143,22 +193,25 @@ RowsPlan plan_rows(const Geometry& g, int V, bool reduction) {
     p.tiles = ceil_div(Cv, p.bx);
   }
   p.by = std::max(1, kThreads / p.bx);
-  const int64_t grid_t = std::min<int64_t>(p.tiles, 65535);
+  p.tiles = std::min<int64_t>(p.tiles, 65535);  // kernels loop past this
+  p.rows_per_block = p.row_blocks = 1;
+  return p;
+}
+
+void grid_rows(RowsPlan& p, const Geometry& g, int64_t wave, bool reduction) {
+  const int64_t M = g.rows();
   if (reduction) {
-    int64_t splits = ceil_div(int64_t(sm_count()) * kReduceBlocksPerSM, grid_t);
-    splits = std::min(splits,
-                      std::max<int64_t>(1, M / (int64_t(p.by) * kUnroll * 2)));
-    splits = std::max(splits, ceil_div(M, kMaxBlockCount));
+    const int64_t most =
+        std::max<int64_t>(1, M / (int64_t(p.by) * kUnroll * 2));
+    const int64_t splits =
+        balanced_splits(p.tiles, wave, ceil_div(M, kMaxBlockCount), most);
     p.rows_per_block = ceil_div(M, splits);
     p.row_blocks = ceil_div(M, p.rows_per_block);
   } else {
     p.rows_per_block = p.by;
-    p.row_blocks = std::max<int64_t>(
-        1, std::min(ceil_div(M, p.by),
-                    int64_t(sm_count()) * kElementwiseBlocksPerSM / grid_t));
+    p.row_blocks =
+        std::max<int64_t>(1, std::min(ceil_div(M, p.by), wave / p.tiles));
   }
-  p.tiles = grid_t;
-  return p;
 }
 
 // Flat PLANAR elementwise grid and its stride in (plane position, channel).
@@ -167,11 +220,10 @@ struct FlatPlan {
   cuda::FlatStep step;
 };
 
-FlatPlan plan_flat(const Geometry& g, int V) {
+FlatPlan plan_flat(const Geometry& g, int V, int64_t wave) {
   FlatPlan p;
   p.blocks = std::max<int64_t>(
-      1, std::min(ceil_div(ceil_div(g.numel(), V), kThreads),
-                  int64_t(sm_count()) * kElementwiseBlocksPerSM));
+      1, std::min(ceil_div(ceil_div(g.numel(), V), kThreads), wave));
   const int64_t step = p.blocks * kThreads * V;
   const int64_t dn = step / g.S;
   p.step.step = step;
@@ -230,7 +282,10 @@ void launch_stats(const Tensor& input, const Geometry& g, double weight,
     const int v = pick_vec(VMAX, sizeof(scalar_t), g.S, {x}, true);
     with_vec3<VMAX>(v, [&](auto vc) {
       constexpr int V = decltype(vc)::value;
-      const PlanarPlan p = plan_planar(g, V);
+      const PlanarPlan p = plan_planar(
+          g, V,
+          wave_blocks(as_key(&cuda::stats_planar_kernel<scalar_t, acc_t, V>),
+                      kThreads, 0));
       splits = p.splits;
       if (splits > 1) partial = at::empty({(3 * splits + 1) * g.C}, acc_opts);
       cuda::stats_planar_kernel<scalar_t, acc_t, V>
@@ -244,10 +299,15 @@ void launch_stats(const Tensor& input, const Geometry& g, double weight,
     const int v = pick_vec(VMAX, sizeof(scalar_t), g.C, {x}, true);
     with_vec3<VMAX>(v, [&](auto vc) {
       constexpr int V = decltype(vc)::value;
-      const RowsPlan p = plan_rows(g, V, true);
+      RowsPlan p = shape_rows(g, V);
+      const size_t smem = size_t(p.threads()) * (2 * V + 1) * sizeof(acc_t);
+      grid_rows(
+          p, g,
+          wave_blocks(as_key(&cuda::stats_rows_kernel<scalar_t, acc_t, V>),
+                      p.threads(), smem),
+          true);
       splits = p.row_blocks;
       if (splits > 1) partial = at::empty({(3 * splits + 1) * g.C}, acc_opts);
-      const size_t smem = size_t(p.bx) * p.by * (2 * V + 1) * sizeof(acc_t);
       cuda::stats_rows_kernel<scalar_t, acc_t, V>
           <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
              dim3(unsigned(p.bx), unsigned(p.by)), smem, stream>>>(
@@ -407,7 +467,11 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
           const int v = pick_vec(VMAX, sizeof(scalar_t), 0, {x, y}, false);
           with_vec2<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
-            const FlatPlan p = plan_flat(g, V);
+            const FlatPlan p = plan_flat(
+                g, V,
+                wave_blocks(
+                    as_key(&cuda::output_planar_kernel<scalar_t, acc_t, V>),
+                    kThreads, 0));
             cuda::output_planar_kernel<scalar_t, acc_t, V>
                 <<<unsigned(p.blocks), kThreads, 0, stream>>>(
                     x, y, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb, relu);
@@ -417,7 +481,12 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
           const int v = pick_vec(VMAX, sizeof(scalar_t), g.C, {x, y}, true);
           with_vec3<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
-            const RowsPlan p = plan_rows(g, V, false);
+            RowsPlan p = shape_rows(g, V);
+            grid_rows(p, g,
+                      wave_blocks(
+                          as_key(&cuda::output_rows_kernel<scalar_t, acc_t, V>),
+                          p.threads(), 0),
+                      false);
             cuda::output_rows_kernel<scalar_t, acc_t, V>
                 <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
                    dim3(unsigned(p.bx), unsigned(p.by)), 0, stream>>>(
@@ -470,7 +539,11 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
           const int v = pick_vec(VMAX, sizeof(scalar_t), g.S, {x, dy}, true);
           with_vec3<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
-            const PlanarPlan p = plan_planar(g, V);
+            const PlanarPlan p = plan_planar(
+                g, V,
+                wave_blocks(
+                    as_key(&cuda::reduce_planar_kernel<scalar_t, acc_t, V>),
+                    kThreads, 0));
             splits = p.splits;
             if (splits > 1) partial = at::empty({2 * splits * g.C}, acc_opts);
             cuda::reduce_planar_kernel<scalar_t, acc_t, V>
@@ -485,10 +558,15 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
           const int v = pick_vec(VMAX, sizeof(scalar_t), g.C, {x, dy}, true);
           with_vec3<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
-            const RowsPlan p = plan_rows(g, V, true);
+            RowsPlan p = shape_rows(g, V);
+            const size_t smem = size_t(p.threads()) * (2 * V) * sizeof(acc_t);
+            grid_rows(p, g,
+                      wave_blocks(
+                          as_key(&cuda::reduce_rows_kernel<scalar_t, acc_t, V>),
+                          p.threads(), smem),
+                      true);
             splits = p.row_blocks;
             if (splits > 1) partial = at::empty({2 * splits * g.C}, acc_opts);
-            const size_t smem = size_t(p.bx) * p.by * (2 * V) * sizeof(acc_t);
             cuda::reduce_rows_kernel<scalar_t, acc_t, V>
                 <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
                    dim3(unsigned(p.bx), unsigned(p.by)), smem, stream>>>(
@@ -562,7 +640,11 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
           const int v = pick_vec(VMAX, sizeof(scalar_t), 0, {x, dy, dx}, false);
           with_vec2<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
-            const FlatPlan p = plan_flat(g, V);
+            const FlatPlan p = plan_flat(
+                g, V,
+                wave_blocks(
+                    as_key(&cuda::data_planar_kernel<scalar_t, acc_t, V>),
+                    kThreads, 0));
             cuda::data_planar_kernel<scalar_t, acc_t, V>
                 <<<unsigned(p.blocks), kThreads, 0, stream>>>(
                     dy, x, dx, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb, ps,
@@ -574,7 +656,12 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
               pick_vec(VMAX, sizeof(scalar_t), g.C, {x, dy, dx}, true);
           with_vec3<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
-            const RowsPlan p = plan_rows(g, V, false);
+            RowsPlan p = shape_rows(g, V);
+            grid_rows(
+                p, g,
+                wave_blocks(as_key(&cuda::data_rows_kernel<scalar_t, acc_t, V>),
+                            p.threads(), 0),
+                false);
             cuda::data_rows_kernel<scalar_t, acc_t, V>
                 <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
                    dim3(unsigned(p.bx), unsigned(p.by)), 0, stream>>>(

@@ -1,0 +1,345 @@
+"""Benchmarks MMSyncBN's CUDA kernels against torch's native batch norm.
+
+Everything is measured side by side in one process on one GPU (world 1, so
+no collective runs), with CUDA events and medians:
+
+1. copy: the device-to-device copy bandwidth of a 1 GiB tensor (bytes read
+   plus bytes written), the ceiling of every pass below;
+2. step: forward+backward of MMSyncBN against ``nn.BatchNorm2d`` (cuDNN or
+   ATen) for the issue's shapes, float16 / bfloat16 / float32, NCHW and
+   channels_last. Each step is timed from CUDA-graph replays (GPU time) and
+   eagerly (what a Python loop sees); every replay walks through enough
+   input sets to leave the L2 cache;
+3. passes: the effective bandwidth of each MMSyncBN kernel on >= 256 MB
+   tensors against the copy, the whole step expressed in full-tensor passes
+   at copy speed (target <= 8; mmcv's design needs 13), the kernels one step
+   launches, and a check that a step never synchronizes with the host
+   (``torch.cuda.set_sync_debug_mode('error')``).
+
+The tables are printed last; ``--json`` writes every number.
+
+Example:
+    python tools/benchmark_cuda.py --json work_dirs/benchmark_cuda.json
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+
+import torch
+import torch.nn as nn
+
+from mmsync.ops import SyncBatchNorm
+
+SHAPES = ((32, 64, 56, 56), (64, 256, 14, 14), (16, 32, 112, 112))
+DTYPES = {
+    'float16': torch.float16,
+    'bfloat16': torch.bfloat16,
+    'float32': torch.float32
+}
+LAYOUTS = ('nchw', 'channels_last')
+# Bytes of one step touched by each pass, in units of the input's size.
+PASS_BYTES = {'stats': 1, 'output': 2, 'reduce': 2, 'data': 3}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument(
+        '--shapes', nargs='+', default=['x'.join(map(str, s)) for s in SHAPES])
+    parser.add_argument(
+        '--dtypes', nargs='+', default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument(
+        '--layouts', nargs='+', default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument(
+        '--big-numel',
+        type=int,
+        default=2**27,
+        help='elements of the pass-bandwidth tensors '
+        '(default 2^27: 256 MB in 16 bits)')
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--reps', type=int, default=20)
+    parser.add_argument('--json', help='write all results here')
+    args = parser.parse_args()
+    args.shapes = [tuple(int(v) for v in s.split('x')) for s in args.shapes]
+    return args
+
+
+def fmt_of(layout, dim=4):
+    if layout == 'channels_last':
+        return torch.channels_last if dim == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def event_ms(fn, reps):
+    """Median over `reps` of fn's GPU time, each between two events."""
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(reps):
+    """GB/s of a 1 GiB device-to-device copy, bytes read plus written."""
+    src = torch.randn(2**28, device='cuda')
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    ms = event_ms(lambda: dst.copy_(src), reps)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+class Impl:
+    """A layer stepped over `sets` input sets (to leave the L2 cache)."""
+
+    def __init__(self, name, layer, xs, dys):
+        self.name, self.layer, self.xs, self.dys = name, layer, xs, dys
+
+    def step_all(self):
+        # autograd.grad, not backward: no leaf .grad accumulation (an extra
+        # full-tensor add that a network's hidden activations never pay).
+        params = (self.layer.weight, self.layer.bias)
+        for x, dy in zip(self.xs, self.dys):
+            torch.autograd.grad(self.layer(x), (x, ) + params, dy)
+
+    def capture(self):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.step_all()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step_all()
+
+
+def make_inputs(shape, dtype, layout, sets):
+    gen = torch.Generator(device='cuda').manual_seed(0)
+    xs, dys = [], []
+    for _ in range(sets):
+        x = torch.randn(shape, device='cuda', dtype=dtype, generator=gen)
+        x = (x * 2 + 0.5).contiguous(memory_format=fmt_of(layout))
+        x.requires_grad_()
+        dy = torch.randn(shape, device='cuda', dtype=dtype, generator=gen)
+        xs.append(x)
+        dys.append(dy.contiguous(memory_format=fmt_of(layout)))
+    return xs, dys
+
+
+def time_step(shape, dtype, layout, args):
+    """Per-step ms of MMSyncBN and native BN, graph-replayed and eager."""
+    C = shape[1]
+    nbytes = torch.tensor([], dtype=dtype).element_size()
+    for n in shape:
+        nbytes *= n
+    # Enough input sets (x, dy, y, dx each) to exceed a 60 MB L2 twice.
+    sets = max(2, min(16, -(-(120 << 20) // (4 * nbytes))))
+    xs, dys = make_inputs(shape, dtype, layout, sets)
+    impls = [
+        Impl('mmsync',
+             SyncBatchNorm(C).cuda(), xs, dys),
+        Impl('native',
+             nn.BatchNorm2d(C).cuda(), xs, dys),
+    ]
+    for impl in impls:
+        impl.capture()
+    graph, eager = {i.name: [] for i in impls}, {i.name: [] for i in impls}
+    for _ in range(args.rounds):
+        for impl in impls:  # interleaved, so drifts hit both
+            graph[impl.name].append(
+                event_ms(impl.graph.replay, args.reps) / sets)
+            eager[impl.name].append(
+                event_ms(impl.step_all, max(2, args.reps // 4)) / sets)
+    row = dict(
+        shape='x'.join(map(str, shape)),
+        dtype=str(dtype)[6:],
+        layout=layout,
+        sets=sets)
+    for impl in impls:
+        row[f'{impl.name}_graph_ms'] = statistics.median(graph[impl.name])
+        row[f'{impl.name}_eager_ms'] = statistics.median(eager[impl.name])
+    row['graph_ratio'] = row['mmsync_graph_ms'] / row['native_graph_ms']
+    row['eager_ratio'] = row['mmsync_eager_ms'] / row['native_eager_ms']
+    return row
+
+
+def big_shape(numel, layout):
+    """A 4-D shape of `numel` elements, C = 256."""
+    hw = 64
+    n = numel // (256 * hw * hw)
+    return (n, 256, hw, hw)
+
+
+def pass_bandwidth(dtype, layout, copy_gbs, args):
+    """Effective GB/s of each pass, and the step in full-tensor passes."""
+    ops = torch.ops.mmsync
+    shape = big_shape(args.big_numel, layout)
+    x = torch.randn(shape, device='cuda', dtype=dtype)
+    x = x.contiguous(memory_format=fmt_of(layout))
+    dy = torch.randn_like(x)
+    C = shape[1]
+    count = x.numel() // C
+    w = torch.rand(C, device='cuda') + 0.5
+    b = torch.randn(C, device='cuda')
+    rm, rv = torch.zeros(C, device='cuda'), torch.ones(C, device='cuda')
+    stats = ops.sync_bn_forward_stats(x, True)
+    mean, invstd, scale = ops.sync_bn_forward_finalize(stats, rm, rv, None,
+                                                       0.1, 1e-5, count, True,
+                                                       torch.float64)
+    sums = ops.sync_bn_backward_reduce(dy, x, mean, invstd, w, b, False)
+    calls = {
+        'stats':
+        lambda: ops.sync_bn_forward_stats(x, True),
+        'output':
+        lambda: ops.sync_bn_forward_output(x, mean, invstd, w, b, False),
+        'reduce':
+        lambda: ops.sync_bn_backward_reduce(dy, x, mean, invstd, w, b, False),
+        'data':
+        lambda: ops.sync_bn_backward_data(dy, x, mean, invstd, w, b, sums,
+                                          scale, False),
+    }
+    tensor_bytes = x.numel() * x.element_size()
+    row = dict(
+        dtype=str(dtype)[6:],
+        layout=layout,
+        shape='x'.join(map(str, shape)),
+        mbytes=tensor_bytes / 2**20)
+    for name, fn in calls.items():
+        fn()
+        ms = event_ms(fn, args.reps)
+        gbs = PASS_BYTES[name] * tensor_bytes / ms / 1e6
+        row[f'{name}_ms'] = ms
+        row[f'{name}_gbs'] = gbs
+        row[f'{name}_of_copy'] = gbs / copy_gbs
+    layer = SyncBatchNorm(C).cuda()
+    xg = x.detach().requires_grad_()
+
+    def step():
+        torch.autograd.grad(layer(xg), (xg, layer.weight, layer.bias), dy)
+
+    step()
+    step_ms = event_ms(step, max(3, args.reps // 2))
+    one_pass_ms = tensor_bytes / (copy_gbs / 2) / 1e6  # read or write once
+    row['step_ms'] = step_ms
+    row['step_passes'] = step_ms / one_pass_ms
+    row['kernels'] = step_kernels(step)
+    row['host_sync_free'] = sync_free(step)
+    return row
+
+
+def step_kernels(step):
+    """Name -> count of the CUDA kernels (and memsets) one step launches."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    counts = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = evt.name.split('(')[0].replace('void ', '')
+        name = name.split('<')[0].replace('mmsync::cuda::', '')
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def sync_free(step):
+    """Whether a step runs under sync debug mode 'error' without raising."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        step()
+        ok = True
+    except RuntimeError:
+        ok = False
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    torch.cuda.synchronize()
+    return ok
+
+
+def commit():
+    try:
+        return subprocess.check_output(
+            ['git', 'rev-parse', '--short', 'HEAD'],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            stderr=subprocess.DEVNULL).decode().strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get('MMSYNC_COMMIT', 'unknown')
+
+
+def main():
+    args = parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit('benchmark_cuda: no CUDA GPU')
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(
+            'mmsync::sync_bn_forward_stats', 'CUDA'):
+        raise SystemExit('benchmark_cuda: mmsync._ext has no CUDA kernels')
+    torch.backends.cudnn.benchmark = True
+    props = torch.cuda.get_device_properties(0)
+    info = dict(
+        device=props.name,
+        sms=props.multi_processor_count,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        commit=commit())
+    copy_gbs = copy_bandwidth(args.reps)
+    steps = [
+        time_step(shape, DTYPES[d], layout, args) for shape in args.shapes
+        for d in args.dtypes for layout in args.layouts
+    ]
+    passes = [
+        pass_bandwidth(DTYPES[d], layout, copy_gbs, args) for d in args.dtypes
+        for layout in args.layouts
+    ]
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w', encoding='utf-8') as f:
+            json.dump(
+                dict(info=info, copy_gbs=copy_gbs, steps=steps, passes=passes),
+                f,
+                indent=1)
+    report(info, copy_gbs, steps, passes)
+
+
+def report(info, copy_gbs, steps, passes):
+    print(f"\n{info['device']} ({info['sms']} SMs), torch {info['torch']}, "
+          f"CUDA {info['cuda']}, commit {info['commit']}")
+    print(f'device-to-device copy: {copy_gbs:.0f} GB/s (read + write)\n')
+    print('kernels of one step (MMSyncBN, first pass-bandwidth config):')
+    for name, n in sorted(passes[0]['kernels'].items()):
+        print(f'  {n:3d} x {name}')
+    print('\nforward+backward per step, ms (graph: CUDA-graph replay, '
+          'GPU time; eager: Python loop); ratio = mmsync / native')
+    head = (f"{'shape':>16} {'dtype':>8} {'layout':>13} {'mmsync':>8} "
+            f"{'native':>8} {'ratio':>6} {'eager':>8} {'eager':>8} "
+            f"{'ratio':>6}")
+    print(head)
+    for r in steps:
+        print(f"{r['shape']:>16} {r['dtype']:>8} {r['layout']:>13} "
+              f"{r['mmsync_graph_ms']:8.4f} {r['native_graph_ms']:8.4f} "
+              f"{r['graph_ratio']:6.2f} {r['mmsync_eager_ms']:8.4f} "
+              f"{r['native_eager_ms']:8.4f} {r['eager_ratio']:6.2f}")
+    print('\neffective bandwidth of each pass / copy bandwidth '
+          '(target >= 0.80), whole step in full-tensor passes (<= 8), '
+          'host-sync free')
+    print(f"{'dtype':>8} {'layout':>13} {'MB':>6} {'stats':>6} "
+          f"{'output':>6} {'reduce':>6} {'data':>6} {'passes':>6} "
+          f"{'nosync':>6}")
+    for r in passes:
+        print(f"{r['dtype']:>8} {r['layout']:>13} {r['mbytes']:6.0f} "
+              f"{r['stats_of_copy']:6.2f} {r['output_of_copy']:6.2f} "
+              f"{r['reduce_of_copy']:6.2f} {r['data_of_copy']:6.2f} "
+              f"{r['step_passes']:6.2f} {str(r['host_sync_free']):>6}")
+
+
+if __name__ == '__main__':
+    main()
