@@ -45,10 +45,10 @@ CPP = {
 def emu():
     sys.path.insert(0, __file__.rsplit('/', 1)[0] + '/cuda_emulation')
     try:
-        import build
+        import emu_build
     finally:
         sys.path.pop(0)
-    ops = build.build()
+    ops = emu_build.build()
     ops.emu_config(4, 1)
     ops.emu_trace()
     return ops

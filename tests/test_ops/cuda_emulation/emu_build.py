@@ -55,7 +55,7 @@ def _sub(pattern, repl, text, what, flags=0):
     out, n = re.subn(pattern, repl, text, flags=flags)
     if n == 0:
         raise RuntimeError(f'CUDA emulation build: rewrite "{what}" found '
-                           'nothing to rewrite; update build.py')
+                           'nothing to rewrite; update emu_build.py')
     return out
 
 
@@ -64,7 +64,7 @@ def _rewrite_cu(text):
                 r'emu::launch(&\1, \2, ', text, 'kernel launches', re.S)
     if '<<<' in text:
         raise RuntimeError('CUDA emulation build: a kernel launch was not '
-                           'rewritten; update build.py')
+                           'rewritten; update emu_build.py')
     text = _sub(r'TORCH_LIBRARY_IMPL\(mmsync, CUDA, m\)',
                 'TORCH_LIBRARY_IMPL(mmsync_emu, CPU, m)', text, 'registration')
     return _sub(r'\.is_cuda\(\)', '.is_cpu()', text, 'is_cuda checks')
@@ -126,7 +126,7 @@ def build(verbose=False):
     digest = hashlib.sha1()
     for rel in sorted(texts):
         digest.update(rel.encode() + texts[rel].encode())
-    for name in ('emu_prelude.h', 'build.py'):
+    for name in ('emu_prelude.h', 'emu_build.py'):
         digest.update(_read(osp.join(HERE, name)).encode())
     for root, _, files in os.walk(osp.join(HERE, 'include')):
         for name in sorted(files):
