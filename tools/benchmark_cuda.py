@@ -226,7 +226,9 @@ def pass_bandwidth(dtype, layout, copy_gbs, args):
 
     step()
     step_ms = event_ms(step, max(3, args.reps // 2))
-    one_pass_ms = tensor_bytes / (copy_gbs / 2) / 1e6  # read or write once
+    # One pass (the tensor read or written once) at the copy's rate, which
+    # counts bytes read plus bytes written.
+    one_pass_ms = tensor_bytes / copy_gbs / 1e6
     row['step_ms'] = step_ms
     row['step_passes'] = step_ms / one_pass_ms
     row['kernels'] = step_kernels(step)
