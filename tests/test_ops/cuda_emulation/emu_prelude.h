@@ -1,10 +1,10 @@
-// A CPU emulation of the CUDA execution model, just enough to run mmsync's
-// CUDA kernels and launchers unchanged on the host: every CUDA thread of a
-// block is a fiber (ucontext) with its own threadIdx; __syncthreads and the
-// warp shuffles are real barriers, resolved in a random but seeded order, so
-// a missing barrier or a read of unwritten shared memory changes results.
-// Blocks run one at a time, which lets __shared__ variables be static.
+// CPU emulation of the CUDA execution model for mmsync's kernels: each CUDA
+// thread of a block is a fiber (ucontext); barriers and warp shuffles are real
+// and resolved in a seeded random order. One block runs at a time.
 #pragma once
+
+// A missing barrier or a read of unwritten shared memory (poisoned) changes
+// the results; running blocks one at a time lets __shared__ be static.
 
 #include <cxxabi.h>
 #include <dlfcn.h>
@@ -48,7 +48,7 @@ namespace emu {
 
 inline uint3 g_thread, g_block;
 inline dim3 g_block_dim, g_grid_dim;
-inline int g_sms = 4;       // SM count the launchers see
+inline int g_sms = 4;        // SM count the launchers see
 inline uint64_t g_seed = 1;  // schedule order
 inline int64_t g_launches = 0;
 inline std::string g_error;  // first launch error, like cudaGetLastError
@@ -196,8 +196,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
   g_trace += kernel_name(reinterpret_cast<const void*>(kernel)) + " grid=(" +
              std::to_string(grid.x) + "," + std::to_string(grid.y) +
              ") block=(" + std::to_string(block.x) + "," +
-             std::to_string(block.y) + ") smem=" + std::to_string(smem) +
-             "\n";
+             std::to_string(block.y) + ") smem=" + std::to_string(smem) + "\n";
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > 256 || grid.x == 0 || grid.y == 0 ||
       grid.z == 0 || grid.y > 65535 || grid.z > 65535 ||
@@ -274,8 +273,10 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr,
 }
 
 // An SM holds 2048 threads and at most 8 blocks, whatever the kernel.
-inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-    int* blocks, const void*, int threads, size_t) {
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks,
+                                                                 const void*,
+                                                                 int threads,
+                                                                 size_t) {
   *blocks = std::max(1, std::min(8, 2048 / std::max(threads, 1)));
   return cudaSuccess;
 }

@@ -1,7 +1,6 @@
-// CUDA kernel templates of the sync_bn ops. PLANAR inputs (N x C x S
-// contiguous) are reduced by (split, channel) blocks and transformed by flat
-// vectorized kernels; ROWS inputs (N*S rows of C channels: channels_last, 2D)
-// by 2-D blocks whose threads own V adjacent channels over many rows.
+// CUDA kernel templates of the sync_bn ops. PLANAR inputs (N x C x S): (split,
+// channel) reduction blocks, flat vectorized passes; ROWS inputs (N*S rows of C
+// channels: channels_last, 2D): 2-D blocks, each thread owning V channels.
 #pragma once
 
 #include "sync_bn_cuda_utils.cuh"
