@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from sync_bn_cuda_cases import DTYPES, OpCase, compare, geometries, run_case
 
 

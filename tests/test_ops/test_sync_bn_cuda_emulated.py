@@ -18,7 +18,6 @@ import sys
 
 import pytest
 import torch
-
 from sync_bn_cuda_cases import (VMAX, OpCase, geometries, run_case,
                                 stats_case_failures)
 
