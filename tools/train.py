@@ -12,10 +12,12 @@ ends the run with one line on stderr and exit status 2.
 """
 import argparse
 import datetime
+import gc
 import os
 import os.path as osp
 import subprocess
 import sys
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -228,6 +230,9 @@ def check_split(cfg: Config, world_size: int) -> str:
     except Exception as e:
         raise UsageError(f'cannot build train_dataloader.dataset: '
                          f'{_one_line(e)}')
+    if len(dataset) == 0:
+        raise UsageError('train_dataloader.dataset is empty: check its '
+                         'split and indices')
     sampler = loader.get('sampler', {})
     batch_size = loader.batch_size
     plan = f'{len(dataset)} samples, {world_size} process(es) x {batch_size}'
@@ -243,17 +248,18 @@ def check_split(cfg: Config, world_size: int) -> str:
     if min(steps) == max(steps) > 0:
         return f'{plan}, {steps[0]} steps/epoch'
     fits = [
-        n for n in range(1, world_size)
+        n for n in range(world_size - 1, 0, -1)
         if min(steps_per_rank(world_size=n, **kwargs)) == max(
             steps_per_rank(world_size=n, **kwargs)) > 0
     ]
     rank = next(r for r, s in enumerate(steps) if s != steps[0])
     raise UsageError(
-        f'{world_size} processes are too many for this train set: '
+        f'{world_size} processes do not fit this train set: '
         f'{len(dataset)} samples in batches of {batch_size} per process '
-        f'give rank 0 {steps[0]} steps per epoch but rank {rank} '
-        f'{steps[rank]}; use {max(fits, default=1)} processes or fewer, or '
-        'change train_dataloader.batch_size')
+        f'give rank 0 {steps[0]} step(s) per epoch but rank {rank} '
+        f'{steps[rank]}, and ranks that run out would wait for the others '
+        f'for ever; use {fits[0]} processes (the most that fit), or change '
+        'train_dataloader.batch_size')
 
 
 def init_distributed(cfg: Config, env: dict) -> str:
@@ -292,6 +298,20 @@ def draw_curves(runner: Runner) -> None:
         runner.logger.info(f'loss and accuracy curves: {out}')
 
 
+def train(cfg: Config, backend: Optional[str], plan: str) -> None:
+    """Build the runner, train, and draw the curves on rank 0."""
+    runner = (
+        RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg))
+    if backend:
+        runner.logger.info(f'process group: {backend}, {runner.world_size} '
+                           f'ranks; train set {plan}')
+    # --resume and load_from read mmengine checkpoints with torch.load.
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        runner.train()
+    if runner.rank == 0:
+        draw_curves(runner)
+
+
 def main():
     """Check the input, join the process group, train, draw the curves."""
     args = parse_args()
@@ -312,17 +332,12 @@ def main():
               f'train set {plan}; work dir {cfg.work_dir}')
         return
     backend = init_distributed(cfg, env) if env else None
-    runner = (
-        RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg))
+    train(cfg, backend, plan)
     if backend:
-        runner.logger.info(f'process group: {backend}, {runner.world_size} '
-                           f'ranks; train set {plan}')
-    # --resume and load_from read mmengine checkpoints with torch.load.
-    with torch.serialization.safe_globals(checkpoint_safe_globals()):
-        runner.train()
-    if runner.rank == 0:
-        draw_curves(runner)
-    if backend:
+        # The DDP wrapper (gone with the runner) holds the process group; a
+        # group still alive when the interpreter exits aborts the process
+        # ("terminate called without an active exception", gloo, torch 2.13).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -20,13 +20,10 @@ env_cfg = dict(
 )
 
 # device_ids=None: DDP works for CPU and single-GPU modules alike (mmengine's
-# default passes LOCAL_RANK, which DDP rejects for a CPU model).
-# broadcast_buffers=False (mmengine's default): MMSyncBN's running statistics
-# are the same on every rank anyway; with True, MMSyncBN under DDP on gloo
-# was seen to abort a rank at exit ("terminate called without an active
-# exception", torch 2.13).
-model_wrapper_cfg = dict(
-    type='MMDistributedDataParallel', broadcast_buffers=False, device_ids=None)
+# default passes LOCAL_RANK, which DDP rejects for a CPU model). DDP's
+# default broadcast of rank 0's buffers keeps plain BN's running statistics
+# the same on every rank; MMSyncBN's are the same anyway.
+model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None)
 
 vis_backends = [dict(type='LocalVisBackend')]
 visualizer = dict(type='Visualizer', vis_backends=vis_backends)

@@ -1,6 +1,6 @@
 """Training runs shared by the tests of tools/: each launched once."""
 import os.path as osp
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import pytest
 import torch
@@ -25,13 +25,16 @@ class Runs:
 
     def __init__(self, root: str):
         self.root = root
-        self.done: Dict[str, str] = {}
+        self.done: Dict[str, Optional[str]] = {}
 
     def _get(self, name: str, train: Callable[[str], None]) -> str:
         if name not in self.done:
+            self.done[name] = None  # stays None if training fails
             work_dir = osp.join(self.root, name)
             train(work_dir)
             self.done[name] = work_dir
+        if self.done[name] is None:
+            pytest.fail(f'the shared run {name} failed in an earlier test')
         return self.done[name]
 
     def sync_2proc(self, dtype: str = 'float64', device: str = 'cpu') -> str:

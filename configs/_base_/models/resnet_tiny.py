@@ -1,5 +1,5 @@
 # A ResNet for 8x8 images: 3x3 stem, a basic block at 32 channels, one at 64
-# (stride 2), global pooling, linear head; about 80k parameters.
+# (stride 2), global pooling, linear head; about 77k parameters.
 norm_cfg = dict(type='BN')
 model = dict(
     type='ResNetClassifier',
