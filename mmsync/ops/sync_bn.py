@@ -145,10 +145,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
             grad_input = ext_module.sync_bn_backward_data(
                 grad_output, input, mean, invstd, weight, bias, sums, scale,
                 ctx.relu)
+        if ctx.group_size > 1:
+            sums = sums / ctx.group_size
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (sums[channels:] / ctx.group_size).to(weight.dtype)
+            grad_weight = sums[channels:].to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = (sums[:channels] / ctx.group_size).to(bias.dtype)
+            grad_bias = sums[:channels].to(bias.dtype)
         return (grad_input, grad_weight, grad_bias, None, None, None, None,
                 None, None, None, None, None)
 
