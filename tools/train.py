@@ -25,7 +25,8 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from mmsync.datasets import steps_per_rank
+from mmsync.cnn import is_norm
+from mmsync.datasets import max_even_world_size, rank_steps
 from mmsync.models import checkpoint_safe_globals
 from mmsync.registry import DATASETS, MODELS
 
@@ -208,11 +209,7 @@ def check_model(cfg: Config, config: str) -> list:
     except Exception as e:
         raise UsageError(f'cannot build the model of {config}: '
                          f'{_one_line(e)}')
-    return sorted({
-        type(m).__name__
-        for m in model.modules()
-        if isinstance(m, torch.nn.modules.batchnorm._NormBase)
-    })
+    return sorted({type(m).__name__ for m in model.modules() if is_norm(m)})
 
 
 def check_split(cfg: Config, world_size: int) -> str:
@@ -222,7 +219,8 @@ def check_split(cfg: Config, world_size: int) -> str:
     collective for ever; a rank without samples cannot train at all.
 
     Returns:
-        str: The plan, e.g. '1437 samples, 2 ranks x 32, 23 steps/epoch'.
+        str: The plan, e.g. '1437 samples, 2 process(es) x 32, 23
+        steps/epoch'.
     """
     loader = cfg.train_dataloader
     try:
@@ -244,21 +242,22 @@ def check_split(cfg: Config, world_size: int) -> str:
         batch_size=batch_size,
         drop_last=loader.get('drop_last', False),
         round_up=sampler.get('round_up', True))
-    steps = steps_per_rank(world_size=world_size, **kwargs)
-    if min(steps) == max(steps) > 0:
-        return f'{plan}, {steps[0]} steps/epoch'
-    fits = [
-        n for n in range(world_size - 1, 0, -1)
-        if min(steps_per_rank(world_size=n, **kwargs)) == max(
-            steps_per_rank(world_size=n, **kwargs)) > 0
-    ]
-    rank = next(r for r, s in enumerate(steps) if s != steps[0])
+    fits = max_even_world_size(world_size=world_size, **kwargs)
+    first, last = (
+        rank_steps(world_size=world_size, rank=rank, **kwargs)
+        for rank in (0, world_size - 1))
+    if fits == world_size:
+        return f'{plan}, {first} steps/epoch'
+    if fits == 0:
+        raise UsageError(
+            f'train_dataloader.batch_size={batch_size} with drop_last=True '
+            f'leaves no step in {len(dataset)} samples: lower the batch size')
     raise UsageError(
         f'{world_size} processes do not fit this train set: '
         f'{len(dataset)} samples in batches of {batch_size} per process '
-        f'give rank 0 {steps[0]} step(s) per epoch but rank {rank} '
-        f'{steps[rank]}, and ranks that run out would wait for the others '
-        f'for ever; use {fits[0]} processes (the most that fit), or change '
+        f'give rank 0 {first} step(s) per epoch but rank {world_size - 1} '
+        f'{last}, and ranks that run out would wait for the others for '
+        f'ever; use {fits} processes (the most that fit), or change '
         'train_dataloader.batch_size')
 
 
@@ -318,7 +317,9 @@ def main():
     try:
         cfg = load_config(args)
         env = launch_env(args.launcher) if args.dry_run is None else {}
-        world_size = args.dry_run or int(env.get('WORLD_SIZE', 1))
+        world_size = (
+            args.dry_run if args.dry_run is not None else int(
+                env.get('WORLD_SIZE', 1)))
         if world_size < 1:
             raise UsageError(f'--dry-run: WORLD_SIZE must be at least 1, '
                              f'got {world_size}')

@@ -8,7 +8,7 @@ from mmengine.dataset import DefaultSampler
 from mmengine.evaluator import Evaluator
 from torch.utils.data import DataLoader
 
-from mmsync.datasets import DigitsDataset, steps_per_rank
+from mmsync.datasets import DigitsDataset, max_even_world_size, steps_per_rank
 from mmsync.datasets.digits import DIGITS_FILE
 from mmsync.registry import DATASETS
 
@@ -93,6 +93,26 @@ def test_steps_per_rank_match_sampler_and_loader(num_samples, world_size,
         steps.append(sum(1 for _ in loader))
     assert steps_per_rank(num_samples, world_size, batch_size, drop_last,
                           round_up) == steps
+
+
+@pytest.mark.parametrize('num_samples', [1, 5, 65, 333, 1437])
+@pytest.mark.parametrize('batch_size', [1, 8, 32])
+@pytest.mark.parametrize('drop_last', [False, True])
+@pytest.mark.parametrize('round_up', [False, True])
+def test_max_even_world_size(num_samples, batch_size, drop_last, round_up):
+    """Against a search over every world size with all ranks' steps."""
+    for world_size in (1, 2, 3, 7, 40):
+        even = [
+            n for n in range(1, world_size + 1) if len(
+                set(
+                    steps_per_rank(num_samples, n, batch_size, drop_last,
+                                   round_up))) == 1
+            and steps_per_rank(num_samples, n, batch_size, drop_last,
+                               round_up)[0] > 0
+        ]
+        assert max_even_world_size(num_samples, world_size, batch_size,
+                                   drop_last, round_up) == max(
+                                       even, default=0)
 
 
 def test_accuracy_metric():
