@@ -45,25 +45,25 @@ def evaluate(model, cfg) -> dict:
     return evaluator.evaluate(len(loader.dataset))
 
 
+def error(message: str) -> None:
+    """End with one line on stderr and exit status 2."""
+    print(f'test.py: error: {" ".join(message.split())}', file=sys.stderr)
+    sys.exit(2)
+
+
 def main():
     """Load the model, evaluate it, print (and write) the metrics."""
     args = parse_args()
     for name in ('config', 'checkpoint'):
         path = getattr(args, name)
         if not osp.isfile(path):
-            print(
-                f'test.py: error: {name} file {path!r} not found',
-                file=sys.stderr)
-            sys.exit(2)
+            error(f'{name} file {path!r} not found')
     try:
         cfg = Config.fromfile(args.config)
+        model = init_model(cfg, args.checkpoint, args.cfg_options)
     except Exception as e:
-        print(
-            f'test.py: error: cannot read config {args.config!r}: '
-            f'{type(e).__name__}: {e}',
-            file=sys.stderr)
-        sys.exit(2)
-    model = init_model(cfg, args.checkpoint, args.cfg_options)
+        error(f'cannot load the model of {args.config!r} with '
+              f'{args.checkpoint!r}: {type(e).__name__}: {e}')
     metrics = evaluate(model, cfg)
     print(' '.join(f'{k}: {v:.4f}' for k, v in metrics.items()))
     if args.out:
