@@ -7,6 +7,7 @@ without optimization and with debug symbols.
 import glob
 import os
 import os.path as osp
+import sys
 from setuptools import find_packages, setup
 
 FORCE_CUDA = os.getenv('FORCE_CUDA', '0') == '1'
@@ -46,7 +47,9 @@ def get_extensions():
     sources = glob.glob(osp.join(CSRC, 'pytorch', '*.cpp')) + glob.glob(
         osp.join(CSRC, 'pytorch', 'cpu', '*.cpp'))
     opt = ['-O0', '-g'] if DEBUG else ['-O3', '-g0']
-    cxx_args = opt + ['-std=c++20']
+    # at::parallel_for is inline OpenMP: without -fopenmp it runs serially.
+    openmp = ['-fopenmp'] if sys.platform.startswith('linux') else []
+    cxx_args = opt + ['-std=c++20'] + openmp
     include_dirs = [osp.abspath(osp.join(CSRC, 'common'))]
     use_cuda = FORCE_CUDA or (torch.cuda.is_available()
                               and CUDA_HOME is not None)
@@ -61,6 +64,7 @@ def get_extensions():
                 sorted(sources),
                 include_dirs=include_dirs,
                 define_macros=[('MMSYNC_WITH_CUDA', None)],
+                extra_link_args=openmp,
                 extra_compile_args={
                     'cxx': cxx_args,
                     'nvcc': nvcc_args
@@ -71,6 +75,7 @@ def get_extensions():
             'mmsync._ext',
             sorted(sources),
             include_dirs=include_dirs,
+            extra_link_args=openmp,
             extra_compile_args={'cxx': cxx_args})
     ]
 
