@@ -2,11 +2,26 @@
 
 Each is a child of mmengine's registry of the same kind under the scope
 'mmsync', so ``type='mmsync.X'`` also resolves through mmengine's roots, and
-``locations`` are imported on first use.
+``locations`` are imported on first use. The children without modules of
+their own let mmengine's Runner, whose default scope is 'mmsync', find every
+kind of component without warnings.
 """
+from mmengine.registry import DATA_SAMPLERS as MMENGINE_DATA_SAMPLERS
 from mmengine.registry import DATASETS as MMENGINE_DATASETS
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
+from mmengine.registry import LOG_PROCESSORS as MMENGINE_LOG_PROCESSORS
+from mmengine.registry import LOOPS as MMENGINE_LOOPS
 from mmengine.registry import METRICS as MMENGINE_METRICS
+from mmengine.registry import MODEL_WRAPPERS as MMENGINE_MODEL_WRAPPERS
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import \
+    OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
+from mmengine.registry import OPTIMIZERS as MMENGINE_OPTIMIZERS
+from mmengine.registry import PARAM_SCHEDULERS as MMENGINE_PARAM_SCHEDULERS
+from mmengine.registry import RUNNERS as MMENGINE_RUNNERS
+from mmengine.registry import VISBACKENDS as MMENGINE_VISBACKENDS
+from mmengine.registry import VISUALIZERS as MMENGINE_VISUALIZERS
 from mmengine.registry import Registry
 
 MODELS = Registry(
@@ -27,3 +42,26 @@ METRICS = Registry(
 # Norm layers live in MODELS (as in mmcv 2.x), so both build_norm_layer and
 # mmengine's MODELS.build(dict(type='mmsync.MMSyncBN')) find them.
 NORM_LAYERS = MODELS
+
+RUNNERS = Registry('runner', parent=MMENGINE_RUNNERS, scope='mmsync')
+LOOPS = Registry('loop', parent=MMENGINE_LOOPS, scope='mmsync')
+HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmsync')
+LOG_PROCESSORS = Registry(
+    'log processor', parent=MMENGINE_LOG_PROCESSORS, scope='mmsync')
+DATA_SAMPLERS = Registry(
+    'data sampler', parent=MMENGINE_DATA_SAMPLERS, scope='mmsync')
+MODEL_WRAPPERS = Registry(
+    'model wrapper', parent=MMENGINE_MODEL_WRAPPERS, scope='mmsync')
+OPTIMIZERS = Registry('optimizer', parent=MMENGINE_OPTIMIZERS, scope='mmsync')
+OPTIM_WRAPPERS = Registry(
+    'optim wrapper', parent=MMENGINE_OPTIM_WRAPPERS, scope='mmsync')
+OPTIM_WRAPPER_CONSTRUCTORS = Registry(
+    'optimizer wrapper constructor',
+    parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
+    scope='mmsync')
+PARAM_SCHEDULERS = Registry(
+    'parameter scheduler', parent=MMENGINE_PARAM_SCHEDULERS, scope='mmsync')
+VISUALIZERS = Registry(
+    'visualizer', parent=MMENGINE_VISUALIZERS, scope='mmsync')
+VISBACKENDS = Registry(
+    'vis backend', parent=MMENGINE_VISBACKENDS, scope='mmsync')
