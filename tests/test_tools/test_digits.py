@@ -36,7 +36,7 @@ def test_split_is_fixed_disjoint_and_stratified(shipped):
 
 
 def test_items(shipped):
-    dataset = DATASETS.build(dict(type='DigitsDataset', split='val'))
+    dataset = DATASETS.build(dict(type='mmsync.DigitsDataset', split='val'))
     assert len(dataset) == 360
     item = dataset[5]
     assert item['inputs'].shape == (1, 8, 8)

@@ -20,8 +20,11 @@ def norm_types(model):
 
 
 def test_norm_layers_come_from_norm_cfg():
-    sync = MODELS.build(dict(type='ResNetClassifier', norm_cfg=SYNC_CFG))
-    plain = MODELS.build(dict(type='ResNetClassifier'))
+    # Scoped names: a Runner built by another test may leave mmengine's
+    # default scope current, which bare names would resolve in.
+    sync = MODELS.build(
+        dict(type='mmsync.ResNetClassifier', norm_cfg=SYNC_CFG))
+    plain = MODELS.build(dict(type='mmsync.ResNetClassifier'))
     # stem, two blocks of two, one shortcut
     assert norm_types(sync) == {'SyncBatchNorm': 6}
     assert all(m.stats_mode == 'N' for m in sync.modules()
