@@ -79,23 +79,6 @@ inline at::Tensor channel_vector(const at::Tensor& t, const char* name,
   return t.to(dtype).contiguous();
 }
 
-// Per-channel weight (ones when absent) and bias (zeros when absent).
-inline at::Tensor weight_or_ones(const c10::optional<at::Tensor>& weight,
-                                 const at::Tensor& input,
-                                 at::ScalarType dtype) {
-  if (weight.has_value() && weight->defined())
-    return channel_vector(*weight, "weight", input, dtype);
-  return at::ones({input.size(1)}, input.options().dtype(dtype));
-}
-
-inline at::Tensor bias_or_zeros(const c10::optional<at::Tensor>& bias,
-                                const at::Tensor& input,
-                                at::ScalarType dtype) {
-  if (bias.has_value() && bias->defined())
-    return channel_vector(*bias, "bias", input, dtype);
-  return at::zeros({input.size(1)}, input.options().dtype(dtype));
-}
-
 inline at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

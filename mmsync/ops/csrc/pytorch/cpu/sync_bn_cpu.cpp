@@ -2,6 +2,7 @@
 // kernels of sync_bn_cpu_kernel*.cpp, picked once for the CPU's instruction
 // set (MMSYNC_CPU_CAPABILITY=default|avx2|avx512 caps the choice).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -46,12 +47,31 @@ const cpu::Kernels& kernels() {
   return k;
 }
 
+// A checked per-channel tensor as doubles, without ATen temporaries.
+std::vector<double> channel_doubles(const c10::optional<Tensor>& t,
+                                    const char* name, const Tensor& input,
+                                    double fill) {
+  const int64_t C = input.size(1);
+  if (!t.has_value() || !t->defined()) return std::vector<double>(C, fill);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "sync_bn: ", name,
+              " must have shape (C,) = (", C, ",), got ", t->sizes());
+  TORCH_CHECK(t->device() == input.device(), "sync_bn: ", name, " is on ",
+              t->device(), " but input is on ", input.device());
+  std::vector<double> out(C);
+  const Tensor tc = t->contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, tc.scalar_type(), "sync_bn_channel", [&] {
+        const scalar_t* p = tc.const_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) out[c] = double(p[c]);
+      });
+  return out;
+}
+
 // The per-channel table of the passes after the statistics, in double.
 struct Table {
-  Tensor mean, scale, bias;
+  std::vector<double> mean, invstd, scale, bias;
   cpu::ChannelTable view() const {
-    return {mean.const_data_ptr<double>(), scale.const_data_ptr<double>(),
-            bias.const_data_ptr<double>()};
+    return {mean.data(), scale.data(), bias.data()};
   }
 };
 
@@ -59,10 +79,11 @@ Table make_table(const Tensor& input, const Tensor& mean, const Tensor& invstd,
                  const c10::optional<Tensor>& weight,
                  const c10::optional<Tensor>& bias) {
   Table t;
-  t.mean = channel_vector(mean, "mean", input, at::kDouble);
-  t.scale = channel_vector(invstd, "invstd", input, at::kDouble) *
-            weight_or_ones(weight, input, at::kDouble);
-  t.bias = bias_or_zeros(bias, input, at::kDouble);
+  t.mean = channel_doubles(mean, "mean", input, 0.0);
+  t.invstd = channel_doubles(invstd, "invstd", input, 1.0);
+  t.scale = channel_doubles(weight, "weight", input, 1.0);
+  for (size_t c = 0; c < t.scale.size(); ++c) t.scale[c] *= t.invstd[c];
+  t.bias = channel_doubles(bias, "bias", input, 0.0);
   return t;
 }
 
@@ -116,18 +137,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cpu(
   const Tensor stats = stats_.contiguous();
   const int64_t C = (stats.size(0) - kStatsHeader) / 2;
   const double* s = stats.const_data_ptr<double>();
-  const auto opts = stats.options();
-  Tensor mean = at::empty({C}, opts), invstd = at::empty({C}, opts),
-         unbiased = at::empty({C}, opts);
-  double* pm = mean.data_ptr<double>();
-  double* pi = invstd.data_ptr<double>();
-  double* pu = unbiased.data_ptr<double>();
+  std::vector<double> mean(C), invstd(C), unbiased(C);
   for (int64_t c = 0; c < C; ++c) {
-    double m, v;
-    packed_moments(s, C, c, m, v);
-    pm[c] = m;
-    pi[c] = 1.0 / std::sqrt(v + eps);
-    pu[c] = unbiased_var(v, s[1]);
+    double v;
+    packed_moments(s, C, c, mean[c], v);
+    invstd[c] = 1.0 / std::sqrt(v + eps);
+    unbiased[c] = unbiased_var(v, s[1]);
   }
   const bool has_running = running_mean.has_value() &&
                            running_mean->defined() && running_var.has_value() &&
@@ -142,12 +157,35 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cpu(
                 "sync_bn_forward_finalize: running_mean and running_var must "
                 "have C = ",
                 C, " elements");
-    running_mean->copy_(running_mean->to(at::kDouble).mul_(1.0 - f).add_(mean, f));
-    running_var->copy_(
-        running_var->to(at::kDouble).mul_(1.0 - f).add_(unbiased, f));
+    // running = (1 - f) * running + f * value, in place, in double.
+    const auto update = [&](const Tensor& running,
+                            const std::vector<double>& value) {
+      Tensor r = running.is_contiguous() ? running : running.contiguous();
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, r.scalar_type(), "sync_bn_running", [&] {
+            scalar_t* p = r.data_ptr<scalar_t>();
+            for (int64_t c = 0; c < C; ++c)
+              p[c] = scalar_t((1.0 - f) * double(p[c]) + f * value[c]);
+          });
+      if (!r.is_same(running)) running.copy_(r);
+    };
+    update(*running_mean, mean);
+    update(*running_var, unbiased);
   }
-  Tensor scale = at::full({1}, grad_scale(s, count, weight_by_count), opts);
-  return {mean.to(dtype), invstd.to(dtype), scale.to(dtype)};
+  const auto opts = stats.options().dtype(dtype);
+  Tensor mean_t = at::empty({C}, opts), invstd_t = at::empty({C}, opts),
+         scale_t = at::empty({1}, opts);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "sync_bn_finalize_out", [&] {
+    scalar_t* pm = mean_t.data_ptr<scalar_t>();
+    scalar_t* pi = invstd_t.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      pm[c] = scalar_t(mean[c]);
+      pi[c] = scalar_t(invstd[c]);
+    }
+    scale_t.data_ptr<scalar_t>()[0] =
+        scalar_t(grad_scale(s, count, weight_by_count));
+  });
+  return {mean_t, invstd_t, scale_t};
 }
 
 Tensor forward_output_cpu(const Tensor& input_, const Tensor& mean,
@@ -183,9 +221,7 @@ Tensor backward_reduce_cpu(const Tensor& grad_output_, const Tensor& input_,
   if (g.numel() > 0)
     kernels().reduce(input.scalar_type(), grad_output.const_data_ptr(),
                      input.const_data_ptr(), g, t.view(), relu, ps, ps + C);
-  const Tensor inv = channel_vector(invstd, "invstd", input, at::kDouble);
-  const double* pi = inv.const_data_ptr<double>();
-  for (int64_t c = 0; c < C; ++c) ps[C + c] *= pi[c];
+  for (int64_t c = 0; c < C; ++c) ps[C + c] *= t.invstd[c];
   return sums.to(acc_type_of(input.scalar_type()));
 }
 
@@ -210,14 +246,12 @@ Tensor backward_data_cpu(const Tensor& grad_output_, const Tensor& input_,
               scale_.numel());
   const Table t = make_table(input, mean, invstd, weight, bias);
   const Tensor sums = sums_.to(at::kDouble).contiguous();
-  const Tensor inv = channel_vector(invstd, "invstd", input, at::kDouble);
   const double a = scale_.to(at::kDouble).item<double>();
   // dx = k * (dy' - a * sum_dy) + k2 * (x - mean), k = weight * invstd,
   // k2 = -k * a * invstd * sum_dy_xhat.
   std::vector<double> shift(C), k2(C);
   const double *ps = sums.const_data_ptr<double>(),
-               *pk = t.scale.const_data_ptr<double>(),
-               *pi = inv.const_data_ptr<double>();
+               *pk = t.scale.data(), *pi = t.invstd.data();
   for (int64_t c = 0; c < C; ++c) {
     shift[c] = a * ps[c];
     k2[c] = -pk[c] * a * pi[c] * ps[C + c];
