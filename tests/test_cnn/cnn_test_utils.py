@@ -4,17 +4,9 @@ The model and data set are registered in mmsync's MODELS and DATASETS as
 'CnnTestToyNet' and 'CnnTestToyDataset', so configs refer to them as
 ``type='mmsync.CnnTestToyNet'``.
 """
-import datetime
-import io
-import multiprocessing
-import os
-import queue
-import socket
-import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModel
@@ -23,8 +15,6 @@ from torch.utils.data import Dataset
 
 from mmsync.cnn import build_norm_layer
 from mmsync.registry import DATASETS, MODELS
-
-PG_TIMEOUT = datetime.timedelta(seconds=60)
 
 
 class CnnTestToyNet(BaseModel):
@@ -105,91 +95,3 @@ class CnnTestToyDataset(Dataset):
 
 DATASETS.register_module(
     name='CnnTestToyDataset', module=CnnTestToyDataset, force=True)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
-            results) -> None:
-    try:
-        torch.set_num_threads(1)
-        os.environ.update(
-            MASTER_ADDR='127.0.0.1',
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world_size))
-        dist.init_process_group(
-            'gloo', rank=rank, world_size=world_size, timeout=PG_TIMEOUT)
-        try:
-            result = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
-        buffer = io.BytesIO()
-        torch.save(result, buffer)
-        results.put((rank, buffer.getvalue(), None))
-    except BaseException:
-        results.put((rank, None, traceback.format_exc()))
-
-
-def run_distributed(fn: Callable,
-                    world_size: int = 2,
-                    args: tuple = (),
-                    timeout: float = 120.) -> List[Any]:
-    """Run ``fn(rank, world_size, *args)`` in spawned gloo processes.
-
-    Args:
-        fn (callable): A module-level function; its return value must be
-            loadable by ``torch.load`` (tensors, dicts, lists, numbers).
-        world_size (int): Number of processes. Default: 2.
-        args (tuple): Further arguments of ``fn``. Default: ().
-        timeout (float): Seconds for all ranks to finish; then they are
-            killed and the test fails. Default: 120.
-
-    Returns:
-        list: The return value of each rank, by rank.
-    """
-    ctx = multiprocessing.get_context('spawn')
-    results = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(
-            target=_worker,
-            args=(rank, world_size, port, fn, args, results),
-            daemon=True) for rank in range(world_size)
-    ]
-    for proc in procs:
-        proc.start()
-    outputs: Dict[int, Any] = {}
-    errors = []
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
-    try:
-        while len(outputs) + len(errors) < world_size:
-            left = (deadline - datetime.datetime.now()).total_seconds()
-            try:
-                rank, payload, error = results.get(timeout=max(left, 0.1))
-            except queue.Empty:
-                raise AssertionError(
-                    f'distributed run of {fn.__name__} timed out after '
-                    f'{timeout}s with ranks {sorted(outputs)} done and '
-                    f'errors {errors}') from None
-            if error is not None:
-                errors.append(f'rank {rank}:\n{error}')
-                # The other ranks may now wait on a collective until the
-                # process group times out; fail now instead.
-                break
-            outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=10)
-    if errors:
-        raise AssertionError('\n'.join(errors))
-    return [outputs[rank] for rank in range(world_size)]

@@ -10,7 +10,8 @@ import io
 
 import pytest
 import torch
-from cnn_test_utils import run_distributed, toy_batch
+from cnn_test_utils import toy_batch
+from dist_utils import run_distributed
 from mmengine.config import Config
 from mmengine.model import MMDistributedDataParallel
 from mmengine.optim import build_optim_wrapper
@@ -115,9 +116,13 @@ def dist_run(tmp_path_factory):
 
     outputs = run_distributed(
         _train_worker,
-        world_size=WORLD_SIZE,
-        args=(mmsync_cfg, bn_cfg, str(tmp / 'work_dir'), init_state),
-        timeout=150)
+        WORLD_SIZE,
+        mmsync_cfg,
+        bn_cfg,
+        str(tmp / 'work_dir'),
+        init_state,
+        timeout=150,
+        pg_timeout=60)
     return dict(
         outputs=outputs,
         reference_state=_state(reference),

@@ -9,12 +9,12 @@ import json
 import os
 import os.path as osp
 import signal
-import socket
 import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from dist_utils import free_port  # noqa: F401 (shared with the tests)
 
 from mmsync.models import checkpoint_safe_globals
 
@@ -44,13 +44,6 @@ def short_run_options(dtype: str,
         'default_hooks.logger.interval=1', 'log_processor.window_size=1',
         'default_hooks.checkpoint.interval=1'
     ]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def base_env(**extra: str) -> Dict[str, str]:

@@ -1,10 +1,12 @@
 """Runs a function on real processes joined by gloo on 127.0.0.1.
 
-Every wait is bounded: the process group times out, and the parent kills the
-workers once its own deadline passes, so a bug fails a test instead of
-hanging it.
+Shared by every test folder (tests/conftest.py puts this folder on
+sys.path). Every wait is bounded: the process group times out, and the
+parent kills the workers once its own deadline passes or as soon as one
+rank fails, so a bug fails a test instead of hanging it.
 """
 import datetime
+import io
 import os
 import queue
 import socket
@@ -23,8 +25,13 @@ def free_port() -> int:
 
 
 def _worker(fn, rank, world_size, port, args, results, pg_timeout):
-    os.environ['MASTER_ADDR'] = '127.0.0.1'
-    os.environ['MASTER_PORT'] = str(port)
+    # torchrun's variables too, for code (mmengine) that reads them.
+    os.environ.update(
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
@@ -33,11 +40,14 @@ def _worker(fn, rank, world_size, port, args, results, pg_timeout):
             world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout))
         try:
-            results.put((rank, True, fn(rank, world_size, *args)))
+            result = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        results.put((rank, buffer.getvalue(), None))
     except BaseException:  # reported to the parent, which fails the test
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, None, traceback.format_exc()))
 
 
 def run_distributed(fn,
@@ -48,7 +58,8 @@ def run_distributed(fn,
     """Runs ``fn(rank, world_size, *args)`` on ``world_size`` processes.
 
     Args:
-        fn: A module-level function (spawned processes import it).
+        fn: A module-level function (spawned processes import it); its
+            return value must be loadable by ``torch.load``.
         world_size (int): Number of processes.
         timeout (float): Seconds after which all workers are killed.
         pg_timeout (float): Timeout of the gloo process group.
@@ -77,13 +88,18 @@ def run_distributed(fn,
         while len(outputs) + len(errors) < world_size:
             left = (deadline - datetime.datetime.now()).total_seconds()
             try:
-                rank, ok, value = results.get(timeout=max(left, 0.01))
+                rank, payload, error = results.get(timeout=max(left, 0.01))
             except queue.Empty:
                 raise AssertionError(
                     f'distributed run of {fn.__name__} timed out after '
-                    f'{timeout}s; finished ranks: '
-                    f'{sorted(outputs) + sorted(errors)}') from None
-            (outputs if ok else errors)[rank] = value
+                    f'{timeout}s; finished ranks: {sorted(outputs)}, failed '
+                    f'ranks: {sorted(errors)}') from None
+            if error is not None:
+                # The others may wait in a collective until the group times
+                # out: fail now, with this traceback.
+                errors[rank] = error
+                break
+            outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=5)
