@@ -79,6 +79,17 @@ inline at::Tensor channel_vector(const at::Tensor& t, const char* name,
   return t.to(dtype).contiguous();
 }
 
+// Checks the packed statistics buffer of sync_bn_forward_stats (float64,
+// 2C + 2 entries) and returns C.
+inline int64_t stats_channels(const at::Tensor& stats) {
+  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 1 &&
+                  stats.size(0) >= 2 && stats.size(0) % 2 == 0,
+              "sync_bn_forward_finalize: stats must be the float64 (2C+2,) "
+              "buffer of sync_bn_forward_stats, got ",
+              stats.scalar_type(), " ", stats.sizes());
+  return (stats.size(0) - 2) / 2;
+}
+
 inline at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

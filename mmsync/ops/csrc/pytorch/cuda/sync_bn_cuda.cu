@@ -352,16 +352,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cuda(
     const c10::optional<Tensor>& num_batches_tracked,
     c10::optional<double> momentum, double eps, int64_t count,
     bool weight_by_count, at::ScalarType dtype) {
-  TORCH_CHECK(stats_.scalar_type() == at::kDouble && stats_.dim() == 1 &&
-                  stats_.size(0) >= kStatsHeader &&
-                  (stats_.size(0) - kStatsHeader) % 2 == 0,
-              "sync_bn_forward_finalize: stats must be the float64 (2C+2,) "
-              "buffer of sync_bn_forward_stats, got ",
-              stats_.scalar_type(), " ", stats_.sizes());
+  const int64_t C = stats_channels(stats_);
   check_cuda(stats_, "sync_bn_forward_finalize");
   const c10::cuda::CUDAGuard guard(stats_.device());
   const Tensor stats = stats_.contiguous();
-  const int64_t C = (stats.size(0) - kStatsHeader) / 2;
   // Kernels write float32 or float64; other requested dtypes are cast after.
   const at::ScalarType out_type =
       dtype == at::kDouble ? at::kDouble : at::kFloat;
