@@ -34,14 +34,19 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# torch >= 2.4 names it register_fake; 2.1-2.3 call it impl_abstract.
+_register_fake = getattr(torch.library, 'register_fake',
+                         getattr(torch.library, 'impl_abstract', None))
+
+
 def _register_fake_kernels():
     """Shape-only kernels so that torch.compile / FakeTensor can trace."""
 
-    @torch.library.register_fake('mmsync::sync_bn_forward_stats')
+    @_register_fake('mmsync::sync_bn_forward_stats')
     def _(input, weight_by_count):
         return input.new_empty((2 * input.size(1) + 2, ), dtype=torch.float64)
 
-    @torch.library.register_fake('mmsync::sync_bn_forward_finalize')
+    @_register_fake('mmsync::sync_bn_forward_finalize')
     def _(stats, running_mean, running_var, num_batches_tracked, momentum, eps,
           count, weight_by_count, dtype):
         channels = (stats.size(0) - 2) // 2
@@ -51,16 +56,16 @@ def _register_fake_kernels():
                 (channels, ), dtype=dtype), stats.new_empty((1, ),
                                                             dtype=dtype))
 
-    @torch.library.register_fake('mmsync::sync_bn_forward_output')
+    @_register_fake('mmsync::sync_bn_forward_output')
     def _(input, mean, invstd, weight, bias, relu):
         return _empty_in_kernel_layout(input)
 
-    @torch.library.register_fake('mmsync::sync_bn_backward_reduce')
+    @_register_fake('mmsync::sync_bn_backward_reduce')
     def _(grad_output, input, mean, invstd, weight, bias, relu):
         return input.new_empty((2 * input.size(1), ),
                                dtype=_acc_dtype(input.dtype))
 
-    @torch.library.register_fake('mmsync::sync_bn_backward_data')
+    @_register_fake('mmsync::sync_bn_backward_data')
     def _(grad_output, input, mean, invstd, weight, bias, sums, scale, relu):
         return _empty_in_kernel_layout(input)
 
