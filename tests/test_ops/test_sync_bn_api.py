@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from dist_utils import run_distributed
@@ -348,3 +349,42 @@ def test_cpu_capabilities_agree(tmp_path):
             for got, want in zip(out[name], base[name]):
                 tol = 2e-2 if name == 'bf16' else 1e-4
                 torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def _subgroup_world(rank, world_size):
+    """Ranks {0, 1} and {2, 3} synchronize within their own group only."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    bounds = [0, 3, 8, 10, 14]  # unequal splits 3, 5 | 2, 4
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(bounds[-1], 3, 4, generator=gen, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    layer = SyncBatchNorm(3, group=group, stats_mode='N').double()
+    mine = x[bounds[rank]:bounds[rank + 1]].clone().requires_grad_()
+    y = layer(mine)
+    y.backward(dy[bounds[rank]:bounds[rank + 1]])
+    first = bounds[rank // 2 * 2]
+    last = bounds[rank // 2 * 2 + 2]
+    ref_x = x[first:last].clone().requires_grad_()
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    rm = torch.zeros(3, dtype=torch.float64)
+    rv = torch.ones(3, dtype=torch.float64)
+    ref = F.batch_norm(ref_x, rm, rv, w, b, True, 0.1, 1e-5)
+    ref.backward(dy[first:last])
+    local = slice(bounds[rank] - first, bounds[rank + 1] - first)
+    errors = [
+        (y - ref[local]).abs().max().item(),
+        (mine.grad - ref_x.grad[local]).abs().max().item(),
+        (layer.weight.grad * 2 - w.grad).abs().max().item(),
+        (layer.bias.grad * 2 - b.grad).abs().max().item(),
+        (layer.running_var - rv).abs().max().item(),
+    ]
+    return layer.group_size, 'group_size=2' in repr(layer), max(errors)
+
+
+def test_process_subgroups():
+    """group= synchronizes within a sub-group of the world (world 4)."""
+    for group_size, in_repr, error in run_distributed(_subgroup_world, 4):
+        assert group_size == 2 and in_repr
+        assert error < 1e-12
