@@ -21,28 +21,30 @@ inline bool is_rows_layout(const at::Tensor& t) {
   return t.movedim(1, -1).is_contiguous();
 }
 
-// The layout the kernels will read `input` in; other strides are made
-// contiguous once (the Python layer already does so, this is a safe net).
-inline at::Tensor as_kernel_layout(const at::Tensor& input, Layout* layout) {
+inline void check_input(const at::Tensor& input) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "sync_bn: expected a floating point input (float32, float64, "
+              "float16 or bfloat16), got ",
+              input.scalar_type());
   TORCH_CHECK(input.dim() >= 2, "sync_bn: expected input with 2 or more ",
               "dimensions (N, C, *), got ", input.dim(), "D");
-  int64_t spatial = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) spatial *= input.size(d);
-  if (spatial > 1 && input.is_contiguous()) {
-    *layout = Layout::kPlanar;
-    return input;
-  }
-  if (is_rows_layout(input)) {
-    *layout = Layout::kRows;
-    return input;
-  }
-  *layout = Layout::kPlanar;
-  return input.contiguous();
 }
 
-inline Geometry geometry_of(const at::Tensor& input, Layout layout) {
+// Checks `input` and sets `*out` to it in the layout the kernels read: as
+// it is when PLANAR or ROWS, else made contiguous once (the Python layer
+// already does so; this is a safe net). Returns its geometry.
+inline Geometry kernel_input(const at::Tensor& input, at::Tensor* out) {
+  check_input(input);
   int64_t spatial = 1;
   for (int64_t d = 2; d < input.dim(); ++d) spatial *= input.size(d);
+  Layout layout = Layout::kPlanar;
+  *out = input;
+  if (!(spatial > 1 && input.is_contiguous())) {
+    if (is_rows_layout(input))
+      layout = Layout::kRows;
+    else
+      *out = input.contiguous();
+  }
   return Geometry{input.size(0), input.size(1), spatial, layout};
 }
 
@@ -53,29 +55,41 @@ inline at::Tensor to_layout(const at::Tensor& t, Layout layout) {
   return t.movedim(1, -1).contiguous().movedim(-1, 1);
 }
 
+// grad_output in the input's layout, after checking that the two match.
+inline at::Tensor grad_output_like(const at::Tensor& grad_output,
+                                   const at::Tensor& input, Layout layout,
+                                   const char* op) {
+  TORCH_CHECK(grad_output.sizes() == input.sizes() &&
+                  grad_output.scalar_type() == input.scalar_type(),
+              op, ": grad_output must match input in shape and dtype, got ",
+              grad_output.sizes(), " ", grad_output.scalar_type(), " vs ",
+              input.sizes(), " ", input.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), op,
+              ": grad_output is on ", grad_output.device(), " but input is on ",
+              input.device());
+  return to_layout(grad_output, layout);
+}
+
 // An uninitialized tensor like `input` with the same (dense) strides.
 inline at::Tensor empty_same_layout(const at::Tensor& input) {
   return at::empty_strided(input.sizes(), input.strides(), input.options());
 }
 
-inline void check_input(const at::Tensor& input) {
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "sync_bn: expected a floating point input (float32, float64, "
-              "float16 or bfloat16), got ",
-              input.scalar_type());
-  TORCH_CHECK(input.dim() >= 2, "sync_bn: expected input with 2 or more ",
-              "dimensions (N, C, *), got ", input.dim(), "D");
+// Checks that a per-channel tensor has shape (C,) and the input's device.
+inline void check_channel(const at::Tensor& t, const char* name,
+                          const at::Tensor& input) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), "sync_bn: ", name,
+              " must have shape (C,) = (", input.size(1), ",), got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == input.device(), "sync_bn: ", name,
+              " is on ", t.device(), " but input is on ", input.device());
 }
 
 // Checks a per-channel tensor and returns it as a contiguous `dtype` vector.
 inline at::Tensor channel_vector(const at::Tensor& t, const char* name,
                                  const at::Tensor& input,
                                  at::ScalarType dtype) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), "sync_bn: ", name,
-              " must have shape (C,) = (", input.size(1), ",), got ",
-              t.sizes());
-  TORCH_CHECK(t.device() == input.device(), "sync_bn: ", name,
-              " is on ", t.device(), " but input is on ", input.device());
+  check_channel(t, name, input);
   return t.to(dtype).contiguous();
 }
 

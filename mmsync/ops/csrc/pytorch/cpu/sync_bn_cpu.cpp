@@ -53,10 +53,7 @@ std::vector<double> channel_doubles(const c10::optional<Tensor>& t,
                                     double fill) {
   const int64_t C = input.size(1);
   if (!t.has_value() || !t->defined()) return std::vector<double>(C, fill);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "sync_bn: ", name,
-              " must have shape (C,) = (", C, ",), got ", t->sizes());
-  TORCH_CHECK(t->device() == input.device(), "sync_bn: ", name, " is on ",
-              t->device(), " but input is on ", input.device());
+  check_channel(*t, name, input);
   std::vector<double> out(C);
   const Tensor tc = t->contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -87,23 +84,9 @@ Table make_table(const Tensor& input, const Tensor& mean, const Tensor& invstd,
   return t;
 }
 
-// grad_output in the input's layout, after checking that the two match.
-Tensor grad_in_layout(const Tensor& grad_output, const Tensor& input,
-                      Layout layout, const char* op) {
-  TORCH_CHECK(grad_output.sizes() == input.sizes() &&
-                  grad_output.scalar_type() == input.scalar_type() &&
-                  grad_output.device() == input.device(),
-              op, ": grad_output must match input in shape, dtype and device, "
-              "got ", grad_output.sizes(), " ", grad_output.scalar_type(),
-              " vs ", input.sizes(), " ", input.scalar_type());
-  return to_layout(grad_output, layout);
-}
-
 Tensor forward_stats_cpu(const Tensor& input_, bool weight_by_count) {
-  check_input(input_);
-  Layout layout;
-  const Tensor input = as_kernel_layout(input_, &layout);
-  const Geometry g = geometry_of(input, layout);
+  Tensor input;
+  const Geometry g = kernel_input(input_, &input);
   Tensor stats = at::zeros({2 * g.C + kStatsHeader},
                            input.options().dtype(at::kDouble));
   const int64_t count = g.rows();
@@ -186,10 +169,8 @@ Tensor forward_output_cpu(const Tensor& input_, const Tensor& mean,
                           const Tensor& invstd,
                           const c10::optional<Tensor>& weight,
                           const c10::optional<Tensor>& bias, bool relu) {
-  check_input(input_);
-  Layout layout;
-  const Tensor input = as_kernel_layout(input_, &layout);
-  const Geometry g = geometry_of(input, layout);
+  Tensor input;
+  const Geometry g = kernel_input(input_, &input);
   const Table t = make_table(input, mean, invstd, weight, bias);
   Tensor output = empty_same_layout(input);
   if (g.numel() > 0)
@@ -202,12 +183,10 @@ Tensor backward_reduce_cpu(const Tensor& grad_output_, const Tensor& input_,
                            const Tensor& mean, const Tensor& invstd,
                            const c10::optional<Tensor>& weight,
                            const c10::optional<Tensor>& bias, bool relu) {
-  check_input(input_);
-  Layout layout;
-  const Tensor input = as_kernel_layout(input_, &layout);
+  Tensor input;
+  const Geometry g = kernel_input(input_, &input);
   const Tensor grad_output =
-      grad_in_layout(grad_output_, input, layout, "sync_bn_backward_reduce");
-  const Geometry g = geometry_of(input, layout);
+      grad_output_like(grad_output_, input, g.layout, "sync_bn_backward_reduce");
   const Table t = make_table(input, mean, invstd, weight, bias);
   const int64_t C = g.C;
   Tensor sums = at::zeros({2 * C}, input.options().dtype(at::kDouble));
@@ -225,12 +204,10 @@ Tensor backward_data_cpu(const Tensor& grad_output_, const Tensor& input_,
                          const c10::optional<Tensor>& bias,
                          const Tensor& sums_, const Tensor& scale_,
                          bool relu) {
-  check_input(input_);
-  Layout layout;
-  const Tensor input = as_kernel_layout(input_, &layout);
+  Tensor input;
+  const Geometry g = kernel_input(input_, &input);
   const Tensor grad_output =
-      grad_in_layout(grad_output_, input, layout, "sync_bn_backward_data");
-  const Geometry g = geometry_of(input, layout);
+      grad_output_like(grad_output_, input, g.layout, "sync_bn_backward_data");
   const int64_t C = g.C;
   TORCH_CHECK(sums_.dim() == 1 && sums_.size(0) == 2 * C,
               "sync_bn_backward_data: sums must have shape (2C,) = (", 2 * C,

@@ -250,18 +250,6 @@ void check_cuda(const Tensor& t, const char* op) {
               t.device());
 }
 
-Tensor check_grad_output(const Tensor& grad_output, const Tensor& input,
-                         Layout layout, const char* op) {
-  TORCH_CHECK(grad_output.sizes() == input.sizes() &&
-                  grad_output.scalar_type() == input.scalar_type(),
-              op, ": grad_output must match input in shape and dtype, got ",
-              grad_output.sizes(), " ", grad_output.scalar_type(), " vs ",
-              input.sizes(), " ", input.scalar_type());
-  TORCH_CHECK(grad_output.device() == input.device(), op,
-              ": grad_output is on ", grad_output.device(), " but input is on ",
-              input.device());
-  return to_layout(grad_output, layout);
-}
 
 // ---------------------------------------------------------------------------
 
@@ -327,12 +315,10 @@ void launch_stats(const Tensor& input, const Geometry& g, double weight,
 }
 
 Tensor forward_stats_cuda(const Tensor& input_, bool weight_by_count) {
-  check_input(input_);
   check_cuda(input_, "sync_bn_forward_stats");
   const c10::cuda::CUDAGuard guard(input_.device());
-  Layout layout;
-  const Tensor input = as_kernel_layout(input_, &layout);
-  const Geometry g = geometry_of(input, layout);
+  Tensor input;
+  const Geometry g = kernel_input(input_, &input);
   const auto opts = input.options().dtype(at::kDouble);
   const int64_t count = g.rows();
   if (count == 0 || g.C == 0) return at::zeros({2 * g.C + kStatsHeader}, opts);
@@ -432,12 +418,10 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
                            const Tensor& invstd_,
                            const c10::optional<Tensor>& weight_,
                            const c10::optional<Tensor>& bias_, bool relu) {
-  check_input(input_);
   check_cuda(input_, "sync_bn_forward_output");
   const c10::cuda::CUDAGuard guard(input_.device());
-  Layout layout;
-  const Tensor input = as_kernel_layout(input_, &layout);
-  const Geometry g = geometry_of(input, layout);
+  Tensor input;
+  const Geometry g = kernel_input(input_, &input);
   const auto acc = acc_type_of(input.scalar_type());
   const Tensor mean = channel_vector(mean_, "mean", input, at::kDouble);
   const Tensor invstd = channel_vector(invstd_, "invstd", input, at::kDouble);
@@ -457,7 +441,7 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
         const double* pi = invstd.const_data_ptr<double>();
         const acc_t* pw = ptr_or_null<acc_t>(weight);
         const acc_t* pb = ptr_or_null<acc_t>(bias);
-        if (layout == Layout::kPlanar) {
+        if (g.layout == Layout::kPlanar) {
           const int v = pick_vec(VMAX, sizeof(scalar_t), 0, {x, y}, false);
           with_vec2<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
@@ -498,14 +482,12 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
                             const Tensor& mean_, const Tensor& invstd_,
                             const c10::optional<Tensor>& weight_,
                             const c10::optional<Tensor>& bias_, bool relu) {
-  check_input(input_);
   check_cuda(input_, "sync_bn_backward_reduce");
   const c10::cuda::CUDAGuard guard(input_.device());
-  Layout layout;
-  const Tensor input = as_kernel_layout(input_, &layout);
+  Tensor input;
+  const Geometry g = kernel_input(input_, &input);
   const Tensor grad_output =
-      check_grad_output(grad_output_, input, layout, "sync_bn_backward_reduce");
-  const Geometry g = geometry_of(input, layout);
+      grad_output_like(grad_output_, input, g.layout, "sync_bn_backward_reduce");
   const auto acc = acc_type_of(input.scalar_type());
   const Tensor mean = channel_vector(mean_, "mean", input, at::kDouble);
   const Tensor invstd = channel_vector(invstd_, "invstd", input, at::kDouble);
@@ -529,7 +511,7 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
         acc_t* out = sums.data_ptr<acc_t>();
         Tensor partial;
         int64_t splits = 1;
-        if (layout == Layout::kPlanar) {
+        if (g.layout == Layout::kPlanar) {
           const int v = pick_vec(VMAX, sizeof(scalar_t), g.S, {x, dy}, true);
           with_vec3<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
@@ -590,14 +572,12 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
                           const c10::optional<Tensor>& bias_,
                           const Tensor& sums_, const Tensor& scale_,
                           bool relu) {
-  check_input(input_);
   check_cuda(input_, "sync_bn_backward_data");
   const c10::cuda::CUDAGuard guard(input_.device());
-  Layout layout;
-  const Tensor input = as_kernel_layout(input_, &layout);
+  Tensor input;
+  const Geometry g = kernel_input(input_, &input);
   const Tensor grad_output =
-      check_grad_output(grad_output_, input, layout, "sync_bn_backward_data");
-  const Geometry g = geometry_of(input, layout);
+      grad_output_like(grad_output_, input, g.layout, "sync_bn_backward_data");
   TORCH_CHECK(sums_.dim() == 1 && sums_.size(0) == 2 * g.C,
               "sync_bn_backward_data: sums must have shape (2C,) = (", 2 * g.C,
               ",), got ", sums_.sizes());
@@ -630,7 +610,7 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
         const acc_t* pb = ptr_or_null<acc_t>(bias);
         const acc_t* ps = sums.const_data_ptr<acc_t>();
         const double* pa = scale.const_data_ptr<double>();
-        if (layout == Layout::kPlanar) {
+        if (g.layout == Layout::kPlanar) {
           const int v = pick_vec(VMAX, sizeof(scalar_t), 0, {x, dy, dx}, false);
           with_vec2<VMAX>(v, [&](auto vc) {
             constexpr int V = decltype(vc)::value;
