@@ -1,3 +1,3 @@
-from .sync_bn import SyncBatchNorm, SyncBatchNormFunction
+from .sync_bn import SyncBatchNorm, SyncBatchNormFunction, sync_subgroup
 
-__all__ = ['SyncBatchNorm', 'SyncBatchNormFunction']
+__all__ = ['SyncBatchNorm', 'SyncBatchNormFunction', 'sync_subgroup']

@@ -9,8 +9,13 @@ backward: reduce (one pass: sum(dy), sum(dy*xhat)) -> all_reduce (2C)
           -> data (one pass, recomputes xhat from the saved input)
 
 Nothing of input size is saved for backward besides the input itself.
+Under ``torch.compile`` dynamo turns both collectives into functional ones
+inside the graph (no graph break). ``MMSYNC_CHECK_SYNC=1`` adds one small
+all_gather before each collective to check that the ranks agree.
 """
-from typing import Optional
+import itertools
+import os
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -86,9 +91,113 @@ def _empty_in_kernel_layout(x: torch.Tensor) -> torch.Tensor:
 _register_fake_kernels()
 
 
-def _all_reduce(tensor: torch.Tensor, group) -> None:
-    """The one place where mmsync communicates: a sum over the group."""
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+def _all_reduce(tensor: torch.Tensor, group, what: str) -> None:
+    """The one place where mmsync communicates: a sum over the group.
+
+    A failed collective (a rank died, the group timed out) is re-raised
+    naming the layer's step and what usually causes it, instead of a bare
+    transport error.
+    """
+    try:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f'MMSyncBN: the {what} all_reduce over a group of '
+            f'{dist.get_world_size(group)} ranks failed on rank '
+            f'{dist.get_rank()}: another rank died, diverged (set '
+            f'{CHECK_ENV}=1 to check every call) or did not reach it within '
+            f"the process group's timeout. Cause: {e}") from e
+
+
+CHECK_ENV = 'MMSYNC_CHECK_SYNC'
+_CHECK_FIELDS = ('phase', 'layer', 'call', 'channels', 'dtype', 'stats_mode')
+_PHASES = ('forward', 'backward')
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_layer_ids = itertools.count()
+
+
+class SyncCheck:
+    """Opt-in check that every rank of a group makes the same call.
+
+    Before each collective, the ranks exchange (phase, layer, call count,
+    channels, dtype, stats_mode) in one fixed-size all_gather; when any field
+    differs, every rank raises the same RuntimeError listing each rank's
+    values, instead of pairing mismatched collectives (which hangs or
+    mixes up data). A layer is named by the order of construction in its
+    process, so the ranks must build their models the same way.
+    """
+
+    def __init__(self):
+        self.layer = next(_layer_ids)
+        self.calls = [0, 0]
+
+    def __call__(self, group, phase: int, channels: int, dtype: torch.dtype,
+                 stats_mode: str) -> None:
+        self.calls[phase] += 1
+        mine = torch.tensor([
+            phase, self.layer, self.calls[phase], channels,
+            _DTYPES.index(dtype) if dtype in _DTYPES else -1,
+            STATS_MODES.index(stats_mode)
+        ])
+        gathered = [
+            torch.empty_like(mine) for _ in range(dist.get_world_size(group))
+        ]
+        dist.all_gather(gathered, mine, group=group)
+        table = torch.stack(gathered)
+        differ = [
+            name for i, name in enumerate(_CHECK_FIELDS)
+            if (table[:, i] != table[0, i]).any()
+        ]
+        if differ:
+            rows = '; '.join(
+                f'group rank {r}: ' +
+                ', '.join(f'{name}={_describe(name, v)}'
+                          for name, v in zip(_CHECK_FIELDS, row.tolist()))
+                for r, row in enumerate(table))
+            raise RuntimeError(
+                f'MMSyncBN consistency check ({CHECK_ENV}): the ranks of a '
+                f'group of {len(gathered)} disagree on {", ".join(differ)} '
+                f'before a {_PHASES[phase]} collective: {rows}')
+
+
+def _describe(field: str, value: int):
+    if field == 'phase':
+        return _PHASES[value]
+    if field == 'dtype':
+        return str(_DTYPES[value]) if value >= 0 else 'unsupported'
+    if field == 'stats_mode':
+        return repr(STATS_MODES[value])
+    return value
+
+
+def check_sync_enabled() -> bool:
+    """Whether ``MMSYNC_CHECK_SYNC`` asks every layer to check its calls."""
+    return os.environ.get(CHECK_ENV,
+                          '0').lower() not in ('', '0', 'false', 'no', 'off')
+
+
+_subgroups = {}
+
+
+def sync_subgroup(group_size: int):
+    """The process group of ``group_size`` consecutive ranks holding this
+    rank, created once per default group and reused by every layer.
+
+    Like Apex's ``create_syncbn_process_group``: the world is split into
+    ``world_size / group_size`` groups of consecutive ranks. Every rank must
+    make the first call (it creates all the groups collectively).
+    """
+    world_size = dist.get_world_size()
+    if world_size % group_size:
+        raise ValueError(f'MMSyncBN group_size={group_size} must divide the '
+                         f'world size, which is {world_size}')
+    world = dist.group.WORLD
+    cached = _subgroups.get(group_size)
+    if cached is None or cached[0] is not world:
+        # Keeping the default group in the cache keeps its id unique.
+        cached = (world, dist.new_subgroups(group_size)[0])
+        _subgroups[group_size] = cached
+    return cached[1]
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -106,14 +215,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 running_var: Optional[torch.Tensor],
                 num_batches_tracked: Optional[torch.Tensor],
                 momentum: Optional[float], eps: float, group, group_size: int,
-                stats_mode: str, relu: bool) -> torch.Tensor:
+                stats_mode: str, relu: bool,
+                check: Optional[SyncCheck]) -> torch.Tensor:
+        if check is not None:
+            check(group, 0, input.size(1), input.dtype, stats_mode)
         if not _dense_layout(input):
             input = input.contiguous()
         by_count = stats_mode == 'N'
         count = input.numel() // input.size(1) if input.size(1) else 0
         stats = ext_module.sync_bn_forward_stats(input, by_count)
         if group_size > 1:
-            _all_reduce(stats, group)
+            _all_reduce(stats, group, 'forward statistics')
         # Only a rank holding at most one value can be in a group holding
         # exactly one; reading the count back is then cheap and rare.
         if count <= 1 and int(stats[1].item()) == 1:
@@ -133,6 +245,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.group = group
         ctx.group_size = group_size
         ctx.relu = relu
+        ctx.check = check
+        ctx.stats_mode = stats_mode
         return output
 
     @staticmethod
@@ -140,11 +254,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         input, weight, bias, mean, invstd, scale = ctx.saved_tensors
         channels = input.size(1)
+        if ctx.check is not None:
+            ctx.check(ctx.group, 1, channels, grad_output.dtype,
+                      ctx.stats_mode)
         sums = ext_module.sync_bn_backward_reduce(grad_output, input, mean,
                                                   invstd, weight, bias,
                                                   ctx.relu)
         if ctx.group_size > 1:
-            _all_reduce(sums, ctx.group)
+            _all_reduce(sums, ctx.group, 'backward gradient sums')
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = ext_module.sync_bn_backward_data(
@@ -157,7 +274,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = sums[:channels].to(bias.dtype)
         return (grad_input, grad_weight, grad_bias, None, None, None, None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 @NORM_LAYERS.register_module(name='MMSyncBN')
@@ -189,6 +306,16 @@ class SyncBatchNorm(_BatchNorm):
             ranks hold the same number of samples. Default: 'default'.
         act (str, optional): ``'relu'`` fuses a ReLU into the output and
             its gradient into the backward passes. Default: None.
+        group_size (int, optional): Synchronize within groups of this many
+            consecutive ranks of the world (created once by
+            :func:`sync_subgroup`, shared by all layers); it must divide the
+            world size. Excludes ``group``. Default: None (the whole group).
+        check_sync (bool, optional): Before every collective, check that
+            all ranks of the group are at the same call of the same layer
+            with the same channels, dtype and stats_mode, and raise the same
+            error on every rank when not (one small extra all_gather per
+            collective, for debugging). ``None`` follows the environment
+            variable ``MMSYNC_CHECK_SYNC``. Default: None.
     """
 
     def __init__(self,
@@ -199,24 +326,48 @@ class SyncBatchNorm(_BatchNorm):
                  track_running_stats: bool = True,
                  group=None,
                  stats_mode: str = 'default',
-                 act: Optional[str] = None):
+                 act: Optional[str] = None,
+                 group_size: Optional[int] = None,
+                 check_sync: Optional[bool] = None):
         if stats_mode not in STATS_MODES:
             raise ValueError(f'stats_mode must be one of {STATS_MODES}, got '
                              f'{stats_mode!r}')
         if act not in (None, 'relu'):
             raise ValueError(f"act must be None or 'relu', got {act!r}")
+        if group_size is not None:
+            if (isinstance(group_size, bool)
+                    or not isinstance(group_size, int) or group_size < 1):
+                raise ValueError('group_size must be None or a positive int, '
+                                 f'got {group_size!r}')
+            if group is not None:
+                raise ValueError('pass either group or group_size to '
+                                 'MMSyncBN, not both')
         super().__init__(num_features, eps, momentum, affine,
                          track_running_stats)
         self.group = group
         self.stats_mode = stats_mode
         self.act = act
+        self.subgroup_size = group_size
+        self.check_sync = check_sync
+        self._sync_check = SyncCheck()
+        if group_size is not None and dist.is_available(
+        ) and dist.is_initialized():
+            sync_subgroup(group_size)  # a bad size fails at build time
+
+    def _sync_group(self) -> Tuple[Optional[object], int]:
+        """The group to synchronize over now and its size; a world of one
+        when torch.distributed is not initialized."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None, 1
+        group = self.group
+        if self.subgroup_size is not None:
+            group = sync_subgroup(self.subgroup_size)
+        return group, dist.get_world_size(group)
 
     @property
     def group_size(self) -> int:
         """Ranks in the synchronized group (1 without torch.distributed)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.group)
+        return self._sync_group()[1]
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -242,14 +393,18 @@ class SyncBatchNorm(_BatchNorm):
                                   self.weight, self.bias, False, 0.0, self.eps)
             return F.relu(output) if self.act == 'relu' else output
         tracking = self.training and self.track_running_stats
-        group = self.group if self.group_size > 1 else None
+        group, group_size = self._sync_group()
+        check = self.check_sync
+        if check is None:
+            check = check_sync_enabled()
         return SyncBatchNormFunction.apply(
             input, self.weight, self.bias,
             self.running_mean if tracking else None,
             self.running_var if tracking else None,
             self.num_batches_tracked if tracking else None, self.momentum,
-            self.eps, group, self.group_size, self.stats_mode,
-            self.act == 'relu')
+            self.eps, group if group_size > 1 else None, group_size,
+            self.stats_mode, self.act == 'relu',
+            self._sync_check if check and group_size > 1 else None)
 
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, group_size={self.group_size}, '

@@ -116,6 +116,9 @@ class TestConvert:
         sentinel = object()  # any group object is only stored
         layer = convert_sync_batchnorm(nn.BatchNorm2d(3), group=sentinel)
         assert layer.group is sentinel
+        nested = convert_sync_batchnorm(
+            nn.Sequential(nn.Sequential(nn.BatchNorm2d(3))), group_size=2)
+        assert nested[0][0].subgroup_size == 2
 
     def test_top_level_batchnorm_is_returned_converted(self):
         bn = nn.BatchNorm3d(2)

@@ -126,6 +126,9 @@ class TestMMSyncRunner:
         assert sync_bn_options(dict(type='mmsync', stats_mode='N')) == {
             'stats_mode': 'N'
         }
+        assert sync_bn_options(dict(type='mmsync', group_size=2)) == {
+            'group_size': 2
+        }
 
     @pytest.mark.parametrize('value, error, match', [
         (1, TypeError, 'cfg.sync_bn'),

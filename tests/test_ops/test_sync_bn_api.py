@@ -138,6 +138,21 @@ class TestModule:
             SyncBatchNorm(4, stats_mode='sum')
         with pytest.raises(ValueError, match='act must be'):
             SyncBatchNorm(4, act='gelu')
+        for bad in (0, -2, 1.5, True, '2'):
+            with pytest.raises(
+                    ValueError,
+                    match='group_size must be None or a positive int'):
+                SyncBatchNorm(4, group_size=bad)
+        with pytest.raises(ValueError, match='either group or group_size'):
+            SyncBatchNorm(4, group=object(), group_size=2)
+
+    def test_group_size_without_distribution(self):
+        """Without a process group, group_size leaves a world of one."""
+        layer = SyncBatchNorm(4, group_size=2)
+        assert layer.group_size == 1
+        x = torch.randn(3, 4, 5)
+        torch.testing.assert_close(
+            layer(x), F.batch_norm(x, None, None, training=True))
 
     @pytest.mark.parametrize('x, error, match', [
         (torch.randn(5), ValueError, 'at least 2 dimensions'),

@@ -24,7 +24,8 @@ def sync_bn_options(sync_bn: Union[str, Dict, None]) -> Optional[Dict]:
 
     Args:
         sync_bn (str | dict, optional): ``'mmsync'``, or a dict with
-            ``type='mmsync'`` and optionally ``stats_mode``; any other
+            ``type='mmsync'`` and optionally ``stats_mode`` and
+            ``group_size``; any other
             string or None is left to mmengine.
 
     Returns:
@@ -40,10 +41,11 @@ def sync_bn_options(sync_bn: Union[str, Dict, None]) -> Optional[Dict]:
     if sync_bn_type != SYNC_BN_TYPE:
         raise ValueError(f'cfg.sync_bn as a dict must have type='
                          f'{SYNC_BN_TYPE!r}, got {sync_bn!r}')
-    unknown = sorted(set(options) - {'stats_mode'})
+    unknown = sorted(set(options) - {'stats_mode', 'group_size'})
     if unknown:
-        raise ValueError(f'cfg.sync_bn accepts only the key "stats_mode" '
-                         f'besides "type", got {unknown} in {sync_bn!r}')
+        raise ValueError('cfg.sync_bn accepts only the keys "stats_mode" and '
+                         f'"group_size" besides "type", got {unknown} in '
+                         f'{sync_bn!r}')
     return options
 
 

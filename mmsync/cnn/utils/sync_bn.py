@@ -79,7 +79,8 @@ def _share_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:
 
 def convert_sync_batchnorm(module: nn.Module,
                            group=None,
-                           stats_mode: str = 'default') -> nn.Module:
+                           stats_mode: str = 'default',
+                           group_size: Optional[int] = None) -> nn.Module:
     """Replace every BatchNorm in ``module`` by MMSyncBN.
 
     BatchNorm1d/2d/3d, torch's ``SyncBatchNorm``, ``BatchNormXd`` and any
@@ -94,6 +95,9 @@ def convert_sync_batchnorm(module: nn.Module,
             ``None`` for the default group. Default: None.
         stats_mode (str): 'default' or 'N', see ``SyncBatchNorm``.
             Default: 'default'.
+        group_size (int, optional): Synchronize within groups of this many
+            consecutive ranks instead of ``group``, see ``SyncBatchNorm``.
+            Default: None.
 
     Returns:
         nn.Module: The converted module.
@@ -116,10 +120,12 @@ def convert_sync_batchnorm(module: nn.Module,
                 module.track_running_stats,
                 group=group,
                 stats_mode=stats_mode,
-                act=act))
+                act=act,
+                group_size=group_size))
     for name, child in module.named_children():
         module_output.add_module(
-            name, convert_sync_batchnorm(child, group, stats_mode))
+            name, convert_sync_batchnorm(child, group, stats_mode,
+                                         group_size))
     return module_output
 
 

@@ -1,0 +1,275 @@
+"""MMSyncBN across real processes beyond the numbers: sub-groups by
+``group_size``, torch.compile with collectives in the graph, the opt-in
+consistency check, and a dead or stuck rank turning into a clear error."""
+import copy
+import datetime
+import os
+import queue
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from dist_utils import free_port, run_distributed
+
+from mmsync.cnn import build_norm_layer
+from mmsync.ops import SyncBatchNorm
+from mmsync.ops.sync_bn import _subgroups, sync_subgroup
+
+
+def _global_bn(x, dy):
+    """F.batch_norm over ``x`` in float64: output, grads, running var."""
+    x = x.clone().requires_grad_()
+    w = torch.ones(x.size(1), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(x.size(1), dtype=torch.float64, requires_grad=True)
+    rm = torch.zeros(x.size(1), dtype=torch.float64)
+    rv = torch.ones(x.size(1), dtype=torch.float64)
+    y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+    y.backward(dy)
+    return y, x.grad, w.grad, b.grad, rv
+
+
+def _group_size_world(rank, world_size):
+    """Layers built from norm_cfg with group_size 2 and 4 at world 4."""
+    bounds = [0, 3, 8, 10, 14]  # unequal splits 3, 5 | 2, 4
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(bounds[-1], 3, 4, 5, generator=gen, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    out = {}
+    for group_size in (2, 4):
+        cfg = dict(type='MMSyncBN', group_size=group_size, stats_mode='N')
+        name, layer = build_norm_layer(cfg, 3)
+        layer = layer.double()
+        mine = x[bounds[rank]:bounds[rank + 1]].clone().requires_grad_()
+        y = layer(mine)
+        y.backward(dy[bounds[rank]:bounds[rank + 1]])
+        first = bounds[rank // group_size * group_size]
+        last = bounds[(rank // group_size + 1) * group_size]
+        ref_y, ref_dx, ref_dw, ref_db, ref_rv = _global_bn(
+            x[first:last], dy[first:last])
+        local = slice(bounds[rank] - first, bounds[rank + 1] - first)
+        out[group_size] = dict(
+            size=layer.group_size,
+            repr=f'group_size={group_size}' in repr(layer),
+            error=max(
+                (y - ref_y[local]).abs().max().item(),
+                (mine.grad - ref_dx[local]).abs().max().item(),
+                (layer.weight.grad * group_size - ref_dw).abs().max().item(),
+                (layer.bias.grad * group_size - ref_db).abs().max().item(),
+                (layer.running_var - ref_rv).abs().max().item()))
+    # Groups are created once and shared by every layer of a size.
+    again = SyncBatchNorm(3, group_size=2)
+    out['shared'] = (
+        again._sync_group()[0] is sync_subgroup(2) and len(_subgroups) == 2)
+    try:
+        SyncBatchNorm(3, group_size=3)
+    except ValueError as e:
+        out['bad size'] = str(e)
+    return out
+
+
+def test_group_size_world_four():
+    """group_size=2: ranks {0, 1} and {2, 3} synchronize apart, exactly as
+    F.batch_norm per group; group_size=4 is the whole world."""
+    for result in run_distributed(_group_size_world, 4):
+        for group_size in (2, 4):
+            got = result[group_size]
+            assert got['size'] == group_size and got['repr']
+            assert got['error'] < 1e-12
+        assert result['shared']
+        assert result['bad size'] == ('MMSyncBN group_size=3 must divide '
+                                      'the world size, which is 4')
+
+
+def _count_collectives(graph_module):
+    graph_module.graph.eliminate_dead_code()
+    return sum('all_reduce' in str(node.target)
+               for node in graph_module.graph.nodes)
+
+
+def _compile_world(rank, world_size):
+    """torch.compile(fullgraph=True) at world 2 with an unequal split."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), SyncBatchNorm(8, act='relu'), nn.Conv2d(8, 4, 1),
+        SyncBatchNorm(4, stats_mode='N', group_size=2)).double()
+    compiled_model = copy.deepcopy(model)
+    counted_model = copy.deepcopy(model)
+    torch.manual_seed(rank)
+    x = torch.randn(4 + 2 * rank, 3, 10, 10, dtype=torch.float64)
+    want = model(x)
+    want.square().sum().backward()
+    got = torch.compile(compiled_model, fullgraph=True)(x)
+    got.square().sum().backward()
+    errors = [(got - want).abs().max().item()]
+    for p, q in zip(compiled_model.parameters(), model.parameters()):
+        errors.append((p.grad - q.grad).abs().max().item())
+    errors.append((compiled_model[1].running_var -
+                   model[1].running_var).abs().max().item())
+
+    collectives = {}
+
+    def counting(phase):
+
+        def compiler(graph_module, example_inputs):
+            collectives[phase] = _count_collectives(graph_module)
+            return make_boxed_func(graph_module.forward)
+
+        return compiler
+
+    backend = aot_autograd(
+        fw_compiler=counting('forward'), bw_compiler=counting('backward'))
+    torch.compile(counted_model, fullgraph=True, backend=backend)(x).sum()\
+        .backward()
+    explained = torch._dynamo.explain(copy.deepcopy(model))(x)
+    return (max(errors), collectives, explained.graph_count,
+            explained.graph_break_count)
+
+
+def test_torch_compile_world_two():
+    """One graph, no graph break: dynamo turns the all_reduce of each
+    layer into a functional collective, one in the forward graph and one
+    in the backward graph per layer, and the result equals eager."""
+    for error, collectives, graphs, breaks in run_distributed(
+            _compile_world, 2):
+        assert error < 1e-10
+        assert collectives == {'forward': 2, 'backward': 2}
+        assert (graphs, breaks) == (1, 0)
+
+
+def _raised(fn):
+    try:
+        fn()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def _check_world(rank, world_size):
+    """Each scenario diverges on purpose; every rank must raise the same."""
+    os.environ['MMSYNC_CHECK_SYNC'] = '1'
+    torch.manual_seed(0)
+    a, b = SyncBatchNorm(3), SyncBatchNorm(5)
+    plain = copy.deepcopy(a)
+    plain.check_sync = False
+    c, d, e, f = (SyncBatchNorm(3) for _ in range(4))
+    g = SyncBatchNorm(3, affine=False, track_running_stats=False)
+    out = {}
+    # Agreeing ranks: the check changes nothing, bit for bit.
+    x = torch.randn(2 + rank, 3, 4, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    a(x).square().sum().backward()
+    plain(x_plain).square().sum().backward()
+    out['same'] = (
+        torch.equal(x.grad, x_plain.grad)
+        and torch.equal(a.weight.grad, plain.weight.grad)
+        and torch.equal(a.running_var, plain.running_var))
+    # Rank 0 calls a layer of 3 channels, rank 1 one of 5.
+    out['layer'] = _raised(lambda: (a, b)[rank](torch.randn(4, (3, 5)[rank])))
+    # One dtype per rank.
+    dtype = (torch.float32, torch.float64)[rank]
+    out['dtype'] = _raised(lambda: g(torch.randn(4, 3, dtype=dtype)))
+    # Rank 0 calls c twice, rank 1 calls c then d.
+    c(torch.randn(4, 3))
+    out['call'] = _raised(lambda: (c, d)[rank](torch.randn(4, 3)))
+    # Both run e and f forward; rank 0 back-propagates through e only and
+    # rank 1 through f only.
+    ye, yf = e(torch.randn(4, 3)), f(torch.randn(4, 3))
+    out['backward'] = _raised(lambda: (ye, yf)[rank].sum().backward())
+    # No rank was left inside a collective: the group still works.
+    y = SyncBatchNorm(3)(torch.randn(3, 3, requires_grad=True))
+    y.sum().backward()
+    return out
+
+
+def test_check_sync_world_two():
+    """MMSYNC_CHECK_SYNC=1: the same clear error on every rank, naming
+    what differs and each rank's values, instead of a hang."""
+    results = run_distributed(_check_world, 2)
+    assert results[0] == results[1]
+    got = results[0]
+    assert got['same']
+    prefix = 'MMSyncBN consistency check (MMSYNC_CHECK_SYNC): '
+    assert got['layer'].startswith(prefix + 'the ranks of a group of 2 '
+                                   'disagree on layer, call, channels before '
+                                   'a forward collective: group rank 0: ')
+    assert 'channels=3' in got['layer'] and 'channels=5' in got['layer']
+    assert 'disagree on dtype before a forward' in got['dtype']
+    assert 'dtype=torch.float32' in got['dtype']
+    assert 'dtype=torch.float64' in got['dtype']
+    assert 'disagree on layer, call before a forward' in got['call']
+    assert 'disagree on layer before a backward' in got['backward']
+
+
+@pytest.mark.parametrize('check_sync', [True, False])
+def test_check_sync_world_one(check_sync):
+    """Without a group there is nothing to check and nothing to gather."""
+    layer = SyncBatchNorm(3, check_sync=check_sync)
+    x = torch.randn(4, 3, 2)
+    torch.testing.assert_close(
+        layer(x), F.batch_norm(x, None, None, training=True))
+
+
+def _rank_fails(rank, port, results, pg_timeout, failure):
+    """Trains with one layer; rank 1 dies or stalls at the third step."""
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        'gloo',
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=pg_timeout))
+    layer = SyncBatchNorm(4)
+    for step in range(5):
+        if rank == 1 and step == 2:
+            if failure == 'dies':
+                os._exit(3)
+            time.sleep(pg_timeout + 30)
+        start = time.monotonic()
+        try:
+            x = torch.randn(3, 4, 5, requires_grad=True)
+            layer(x).sum().backward()
+        except RuntimeError:
+            results.put(
+                (rank, step, time.monotonic() - start, traceback.format_exc()))
+            return
+    results.put((rank, 'finished', None, None))
+
+
+@pytest.mark.parametrize('failure', ['dies', 'stalls'])
+def test_failed_rank_stops_the_others(failure):
+    """A rank that dies (killed) or stalls mid-training makes the other stop
+    with MMSyncBN's error within the process group's timeout."""
+    pg_timeout = 5
+    ctx = mp.get_context('spawn')
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_rank_fails,
+            args=(rank, port, results, pg_timeout, failure),
+            daemon=True) for rank in range(2)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        rank, step, waited, error = results.get(timeout=120)
+    except queue.Empty:
+        raise AssertionError('rank 0 neither failed nor finished') from None
+    finally:
+        for p in procs:
+            p.join(timeout=1 if p is procs[0] else 0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert (rank, step) == (0, 2), error
+    assert waited < pg_timeout + 5
+    assert ('RuntimeError: MMSyncBN: the forward statistics all_reduce over '
+            'a group of 2 ranks failed on rank 0: another rank died') in error
