@@ -124,8 +124,7 @@ def convert_sync_batchnorm(module: nn.Module,
                 group_size=group_size))
     for name, child in module.named_children():
         module_output.add_module(
-            name, convert_sync_batchnorm(child, group, stats_mode,
-                                         group_size))
+            name, convert_sync_batchnorm(child, group, stats_mode, group_size))
     return module_output
 
 
