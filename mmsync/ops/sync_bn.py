@@ -209,6 +209,31 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    def symbolic(g, input, weight, bias, running_mean, running_var,
+                 num_batches_tracked, momentum, eps, group, group_size,
+                 stats_mode, relu, check):
+        """ONNX (TorchScript exporter, training mode): one node
+        ``mmsync::MMSyncBatchNorm`` with inputs X[, scale, B][, mean, var]
+        and what a runtime needs to synchronize as attributes."""
+        present = [
+            t for t in (weight, bias, running_mean, running_var)
+            if t is not None
+        ]
+        return g.op(
+            'mmsync::MMSyncBatchNorm',
+            input,
+            *present,
+            eps_f=eps,
+            momentum_f=0.0 if momentum is None else momentum,
+            cumulative_average_i=int(momentum is None),
+            group_size_i=group_size,
+            stats_mode_s=stats_mode,
+            relu_i=int(relu),
+            affine_i=int(weight is not None),
+            track_running_stats_i=int(running_mean is not None)).setType(
+                input.type())
+
+    @staticmethod
     def forward(ctx, input: torch.Tensor, weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor],
                 running_mean: Optional[torch.Tensor],
@@ -224,7 +249,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         by_count = stats_mode == 'N'
         count = input.numel() // input.size(1) if input.size(1) else 0
         stats = ext_module.sync_bn_forward_stats(input, by_count)
-        if group_size > 1:
+        # An ONNX export replaces this function by its symbolic node; the
+        # traced run only needs local values.
+        if group_size > 1 and not torch.onnx.is_in_onnx_export():
             _all_reduce(stats, group, 'forward statistics')
         # Only a rank holding at most one value can be in a group holding
         # exactly one; reading the count back is then cheap and rare.
