@@ -46,6 +46,7 @@ class Case:
     training: bool = True
     steps: int = 2
     offset: float = 0.0
+    act: Optional[str] = None
     seed: int = 0
     name: str = field(default='')
 
@@ -136,6 +137,8 @@ def _reference(case: Case, x, dy, weight, bias, running, step, low):
             unbiased = var * n_total / (n_total - 1)
             rm.mul_(1 - momentum).add_(mean.to(pdtype), alpha=momentum)
             rv.mul_(1 - momentum).add_(unbiased.to(pdtype), alpha=momentum)
+    if case.act == 'relu':
+        y = F.relu(y)
     y.backward(dy.to(dtype))
     grads = (x.grad, w.grad if w is not None else None,
              b.grad if b is not None else None)
@@ -170,7 +173,8 @@ def check_case(case: Case,
         momentum=case.momentum,
         affine=case.affine,
         track_running_stats=case.track_running_stats,
-        stats_mode=case.stats_mode).to(pdtype)
+        stats_mode=case.stats_mode,
+        act=case.act).to(pdtype)
     gen = torch.Generator().manual_seed(case.seed)
     if case.affine:
         with torch.no_grad():
@@ -303,6 +307,18 @@ def standard_cases(
                         dict(channels=1, dim=4), dict(channels=17, dim=2)):
             seed += 1
             cases.append(Case(splits=list(splits), seed=seed, **options))
+        # The fused ReLU against BN followed by F.relu, every layout/dtype.
+        for dtype, (dim, channels_last) in itertools.product(
+                dtypes, ((2, False), (4, False), (4, True), (5, True))):
+            seed += 1
+            cases.append(
+                Case(
+                    splits=list(splits),
+                    dim=dim,
+                    channels_last=channels_last,
+                    dtype=dtype,
+                    act='relu',
+                    seed=seed))
     return cases
 
 

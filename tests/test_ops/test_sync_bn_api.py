@@ -223,6 +223,36 @@ class TestModule:
             torch.testing.assert_close(
                 fused.weight.grad, plain.weight.grad, rtol=tol, atol=tol)
 
+    @pytest.mark.parametrize('dtype', DTYPES, ids=str)
+    def test_fused_relu_saves_less_than_the_pair(self, dtype):
+        """act='relu' saves the input only; BN then ReLU also saves the
+        ReLU's output."""
+
+        def saved_besides(fn, x):
+            saved = []
+
+            def pack(t):
+                saved.append(t)
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                fn(x)
+            return [t for t in saved if t is not x]
+
+        for name, x in sample_inputs(dtype):
+            if name.endswith('transposed'):
+                continue  # saved as the contiguous copy the kernels read
+            x = x.detach().requires_grad_()
+            fused = saved_besides(SyncBatchNorm(x.size(1), act='relu'), x)
+            plain = SyncBatchNorm(x.size(1))
+            pair = saved_besides(lambda t: F.relu(plain(t)), x)
+            assert all(t.numel() < x.numel() for t in fused)
+            extra = [t for t in pair if t.numel() >= x.numel()]
+            assert len(extra) == 1 and extra[0].shape == x.shape
+            assert (sum(t.numel()
+                        for t in pair) - sum(t.numel()
+                                             for t in fused) == x.numel())
+
     def test_saves_nothing_of_input_size_but_the_input(self):
         x = torch.randn(8, 16, 10, 10, requires_grad=True)
         layer = SyncBatchNorm(16)

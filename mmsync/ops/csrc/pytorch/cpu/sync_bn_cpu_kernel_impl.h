@@ -216,13 +216,26 @@ void stats(at::ScalarType dtype, const void* x, const Geometry& g,
       });
 }
 
+// ReLU of an output value; NaN stays NaN, as in F.relu.
+template <typename acc_t>
+inline acc_t relu_value(acc_t v) {
+  return v < acc_t(0) ? acc_t(0) : v;
+}
+
+// ReLU's gradient: dy where the forward output xm * k + b was positive, 0
+// elsewhere. Both operands are values already loaded, so that the compiler
+// turns the choice into a vector blend instead of a conditional load.
+template <typename acc_t>
+inline acc_t relu_grad(acc_t dy, acc_t xm, acc_t k, acc_t b) {
+  return xm * k + b > acc_t(0) ? dy : acc_t(0);
+}
+
 template <typename scalar_t, typename acc_t>
 inline void output_span(const scalar_t* x, scalar_t* y, int64_t n, acc_t hi,
                         acc_t lo, acc_t k, acc_t b, bool relu) {
   if (relu) {
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t v = ((acc_t(x[i]) - hi) - lo) * k + b;
-      y[i] = scalar_t(v > acc_t(0) ? v : acc_t(0));
+      y[i] = scalar_t(relu_value(((acc_t(x[i]) - hi) - lo) * k + b));
     }
   } else {
     for (int64_t i = 0; i < n; ++i)
@@ -254,8 +267,8 @@ void output_impl(const scalar_t* x, scalar_t* y, const Geometry& g,
       scalar_t* yr = y + r * C;
       if (relu) {
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = ((acc_t(xr[c]) - hi[c]) - lo[c]) * k[c] + b[c];
-          yr[c] = scalar_t(v > acc_t(0) ? v : acc_t(0));
+          yr[c] = scalar_t(
+              relu_value(((acc_t(xr[c]) - hi[c]) - lo[c]) * k[c] + b[c]));
         }
       } else {
         for (int64_t c = 0; c < C; ++c)
@@ -286,7 +299,7 @@ inline void grad_span_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
     for (; i + kLanes <= n; i += kLanes)
       for (int j = 0; j < kLanes; ++j) {
         const acc_t xm = (acc_t(x[i + j]) - hi) - lo;
-        const acc_t gv = xm * k + b > acc_t(0) ? acc_t(dy[i + j]) : acc_t(0);
+        const acc_t gv = relu_grad(acc_t(dy[i + j]), xm, k, b);
         a1[j] += gv;
         a2[j] += gv * xm;
       }
@@ -301,8 +314,7 @@ inline void grad_span_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
   acc_t t1 = reduce_lanes(a1), t2 = reduce_lanes(a2);
   for (; i < n; ++i) {
     const acc_t xm = (acc_t(x[i]) - hi) - lo;
-    const acc_t gv =
-        (!relu || xm * k + b > acc_t(0)) ? acc_t(dy[i]) : acc_t(0);
+    const acc_t gv = relu ? relu_grad(acc_t(dy[i]), xm, k, b) : acc_t(dy[i]);
     t1 += gv;
     t2 += gv * xm;
   }
@@ -355,7 +367,7 @@ inline void rows_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t C,
     if (relu) {
       for (int64_t j = 0; j < width; ++j) {
         const acc_t xm = (acc_t(xr[j]) - hi[j]) - lo[j];
-        const acc_t gv = xm * k[j] + b[j] > acc_t(0) ? acc_t(dr[j]) : acc_t(0);
+        const acc_t gv = relu_grad(acc_t(dr[j]), xm, k[j], b[j]);
         a1[j] += gv;
         a2[j] += gv * xm;
       }
@@ -443,7 +455,7 @@ void data_impl(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
         if (relu) {
           for (int64_t i = 0; i < g.S; ++i) {
             const acc_t xm = (acc_t(xp[i]) - h) - l;
-            const acc_t gv = xm * kc + bc > acc_t(0) ? acc_t(dp[i]) : acc_t(0);
+            const acc_t gv = relu_grad(acc_t(dp[i]), xm, kc, bc);
             gp[i] = scalar_t(kc * (gv - sc) + k2c * xm);
           }
         } else {
@@ -463,8 +475,7 @@ void data_impl(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
       if (relu) {
         for (int64_t c = 0; c < C; ++c) {
           const acc_t xm = (acc_t(xr[c]) - hi[c]) - lo[c];
-          const acc_t gv =
-              xm * k[c] + b[c] > acc_t(0) ? acc_t(dr[c]) : acc_t(0);
+          const acc_t gv = relu_grad(acc_t(dr[c]), xm, k[c], b[c]);
           gr[c] = scalar_t(k[c] * (gv - shift[c]) + k2[c] * xm);
         }
       } else {
