@@ -17,6 +17,7 @@ import ctypes
 import datetime
 import json
 import os
+import random
 import socket
 import statistics
 import time
@@ -216,8 +217,15 @@ def time_config(shape, layout, dtype, world, rank, steps, warmup):
     src = torch.empty_like(x).copy_(x)
     dst = torch.empty_like(src)
     copy_times = []
+    # A new order every step, the same on every rank (their collectives
+    # must pair up): whoever runs first after the copy or after a given
+    # peer inherits its cache state, so a fixed order biases the medians.
+    order = random.Random(0)
     for step in range(warmup + steps):
-        for name, fn in runnable.items():
+        names = list(runnable)
+        order.shuffle(names)
+        for name in names:
+            fn = runnable[name]
             if world > 1:
                 dist.barrier()
             x.grad = None

@@ -77,7 +77,11 @@ def _register_fake_kernels():
 
 def _dense_layout(x: torch.Tensor) -> bool:
     """Whether the kernels read ``x`` as it is (contiguous or channels last)."""
-    return x.is_contiguous() or x.movedim(1, -1).is_contiguous()
+    if x.is_contiguous():
+        return True
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return True  # a cached flag: no view to build
+    return x.movedim(1, -1).is_contiguous()
 
 
 def _empty_in_kernel_layout(x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,11 @@ struct Geometry {
 };
 
 inline bool is_rows_layout(const at::Tensor& t) {
+  // The memory-format flags are cached on the tensor; the view is not.
+  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return true;
+  if (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d))
+    return true;
   return t.movedim(1, -1).is_contiguous();
 }
 
