@@ -27,8 +27,8 @@ DTYPES = {
 FLOOR = {'float64': 1e-9, 'float32': 2e-5, 'float16': 2e-3, 'bfloat16': 1e-2}
 SAMPLE_SHAPES = {2: (), 3: (5, ), 4: (3, 4), 5: (2, 3, 2)}
 COLLECTIVES = ('all_reduce', 'all_gather', 'all_gather_into_tensor',
-               'reduce_scatter', 'reduce_scatter_tensor', 'broadcast',
-               'reduce', 'all_to_all', 'barrier')
+               'all_gather_single', 'reduce_scatter', 'reduce_scatter_tensor',
+               'broadcast', 'reduce', 'all_to_all', 'barrier')
 
 
 @dataclass

@@ -87,7 +87,8 @@ def test_group_size_world_four():
 
 def _count_collectives(graph_module):
     graph_module.graph.eliminate_dead_code()
-    return sum('all_reduce' in str(node.target)
+    return sum('_c10d_functional' in str(node.target)
+               and 'wait_tensor' not in str(node.target)
                for node in graph_module.graph.nodes)
 
 
@@ -134,9 +135,9 @@ def _compile_world(rank, world_size):
 
 
 def test_torch_compile_world_two():
-    """One graph, no graph break: dynamo turns the all_reduce of each
-    layer into a functional collective, one in the forward graph and one
-    in the backward graph per layer, and the result equals eager."""
+    """One graph, no graph break: dynamo turns the collective of each
+    layer into a functional one, one in the forward graph and one in the
+    backward graph per layer, and the result equals eager."""
     for error, collectives, graphs, breaks in run_distributed(
             _compile_world, 2):
         assert error < 1e-10
@@ -271,5 +272,5 @@ def test_failed_rank_stops_the_others(failure):
                 p.join()
     assert (rank, step) == (0, 2), error
     assert waited < pg_timeout + 5
-    assert ('RuntimeError: MMSyncBN: the forward statistics all_reduce over '
+    assert ('RuntimeError: MMSyncBN: the forward statistics collective over '
             'a group of 2 ranks failed on rank 0: another rank died') in error
