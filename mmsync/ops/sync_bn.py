@@ -97,6 +97,8 @@ def _empty_in_kernel_layout(x: torch.Tensor) -> torch.Tensor:
 
 _register_fake_kernels()
 
+CHECK_ENV = 'MMSYNC_CHECK_SYNC'
+
 # Groups up to this size sum the small buffers by one all_gather and a
 # local sum in rank order; larger ones by one all_reduce. For the few-KB
 # buffers of a layer the gather is one exchange between 2 ranks where gloo's
@@ -136,7 +138,6 @@ def _group_sum(tensor: torch.Tensor, group, group_size: int,
             f"the process group's timeout. Cause: {e}") from e
 
 
-CHECK_ENV = 'MMSYNC_CHECK_SYNC'
 _CHECK_FIELDS = ('phase', 'layer', 'call', 'channels', 'dtype', 'stats_mode')
 _PHASES = ('forward', 'backward')
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -159,18 +160,20 @@ class SyncCheck:
         self.calls = [0, 0]
 
     def __call__(self, group, phase: int, channels: int, dtype: torch.dtype,
-                 stats_mode: str) -> None:
+                 stats_mode: str, device: torch.device) -> None:
         self.calls[phase] += 1
-        mine = torch.tensor([
+        fields = [
             phase, self.layer, self.calls[phase], channels,
             _DTYPES.index(dtype) if dtype in _DTYPES else -1,
             STATS_MODES.index(stats_mode)
-        ])
+        ]
+        # On the input's device: NCCL gathers CUDA tensors only.
+        mine = torch.tensor(fields, device=device)
         gathered = [
             torch.empty_like(mine) for _ in range(dist.get_world_size(group))
         ]
         dist.all_gather(gathered, mine, group=group)
-        table = torch.stack(gathered)
+        table = torch.stack(gathered).cpu()
         differ = [
             name for i, name in enumerate(_CHECK_FIELDS)
             if (table[:, i] != table[0, i]).any()
@@ -221,7 +224,8 @@ def sync_subgroup(group_size: int):
     world = dist.group.WORLD
     cached = _subgroups.get(group_size)
     if cached is None or cached[0] is not world:
-        # Keeping the default group in the cache keeps its id unique.
+        # A new default group (destroyed and initialized again) gets new
+        # sub-groups.
         cached = (world, dist.new_subgroups(group_size)[0])
         _subgroups[group_size] = cached
     return cached[1]
@@ -270,7 +274,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 stats_mode: str, relu: bool,
                 check: Optional[SyncCheck]) -> torch.Tensor:
         if check is not None:
-            check(group, 0, input.size(1), input.dtype, stats_mode)
+            check(group, 0, input.size(1), input.dtype, stats_mode,
+                  input.device)
         if not _dense_layout(input):
             input = input.contiguous()
         by_count = stats_mode == 'N'
@@ -310,7 +315,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         channels = input.size(1)
         if ctx.check is not None:
             ctx.check(ctx.group, 1, channels, grad_output.dtype,
-                      ctx.stats_mode)
+                      ctx.stats_mode, grad_output.device)
         sums = ext_module.sync_bn_backward_reduce(grad_output, input, mean,
                                                   invstd, weight, bias,
                                                   ctx.relu)
