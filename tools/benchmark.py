@@ -35,8 +35,9 @@ DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 PASSES = 8  # x, y, x, dy (stats, output, reduce) + x, dy, dx: 7 reads, 1 w.
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def case_parser(description: str) -> argparse.ArgumentParser:
+    """The options shared by the CPU benchmarks: which cases, how long."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         '--shapes',
         nargs='+',
@@ -49,16 +50,66 @@ def parse_args():
         nargs='+',
         default=['nchw', 'channels_last'],
         choices=['nchw', 'channels_last'])
-    parser.add_argument(
-        '--worlds', nargs='+', type=int, default=[1, 2], choices=[1, 2])
     parser.add_argument('--threads', type=int, default=os.cpu_count() or 1)
     parser.add_argument('--steps', type=int, default=25)
     parser.add_argument('--warmup', type=int, default=4)
-    parser.add_argument('--plot', help='write a PNG of the ratios here')
-    parser.add_argument('--json', help='write the raw results here')
+    return parser
+
+
+def parse_cases(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parses the command line; ``--shapes`` become tuples of ints."""
     args = parser.parse_args()
     args.shapes = [tuple(int(v) for v in s.split('x')) for s in args.shapes]
     return args
+
+
+def parse_args():
+    parser = case_parser(__doc__.split('\n')[0])
+    parser.add_argument(
+        '--worlds', nargs='+', type=int, default=[1, 2], choices=[1, 2])
+    parser.add_argument('--plot', help='write a PNG of the ratios here')
+    parser.add_argument('--json', help='write the raw results here')
+    return parse_cases(parser)
+
+
+def shuffled_steps(names, steps: int):
+    """Yields (step, names in a new order) for each step.
+
+    The order is seeded, so it is the same on every rank (their collectives
+    must pair up): whoever runs first after a given peer inherits its cache
+    state, so a fixed order biases the medians.
+    """
+    order = random.Random(0)
+    for step in range(steps):
+        shuffled = list(names)
+        order.shuffle(shuffled)
+        yield step, shuffled
+
+
+def make_input(shape, layout: str, dtype: torch.dtype,
+               generator: torch.Generator) -> torch.Tensor:
+    """A random tensor of ``shape`` in ``layout`` ('nchw' or
+    'channels_last')."""
+    x = torch.randn(shape, generator=generator).to(dtype)
+    if layout == 'channels_last':
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def saved_ratio(fn, x: torch.Tensor) -> float:
+    """Input-sized tensors that ``fn(x)`` saves for backward besides ``x``,
+    in units of the size of ``x`` (measured with saved-tensor hooks)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    extra = sum(t.numel() * t.element_size() for t in saved
+                if t is not x and t.numel() >= x.numel())
+    return extra / (x.numel() * x.element_size())
 
 
 def tune_malloc():
@@ -205,25 +256,15 @@ def time_config(shape, layout, dtype, world, rank, steps, warmup):
     N, C = shape[0], shape[1]
     local = (N // world, ) + tuple(shape[1:])
     gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(local, generator=gen).to(dtype)
-    dy = torch.randn(local, generator=gen).to(dtype)
-    if layout == 'channels_last':
-        x = x.contiguous(memory_format=torch.channels_last)
-        dy = dy.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
+    x = make_input(local, layout, dtype, gen).requires_grad_()
+    dy = make_input(local, layout, dtype, gen)
     impls = make_impls(C, world, x)
     runnable = {k: v for k, v in impls.items() if callable(v)}
     times = {k: [] for k in runnable}
     src = torch.empty_like(x).copy_(x)
     dst = torch.empty_like(src)
     copy_times = []
-    # A new order every step, the same on every rank (their collectives
-    # must pair up): whoever runs first after the copy or after a given
-    # peer inherits its cache state, so a fixed order biases the medians.
-    order = random.Random(0)
-    for step in range(warmup + steps):
-        names = list(runnable)
-        order.shuffle(names)
+    for step, names in shuffled_steps(runnable, warmup + steps):
         for name in names:
             fn = runnable[name]
             if world > 1:
@@ -248,26 +289,12 @@ def time_config(shape, layout, dtype, world, rank, steps, warmup):
 def saved_bytes(shape, layout, dtype):
     """Bytes each implementation saves for backward beyond its input."""
     small = (4, ) + tuple(shape[1:])
-    x = torch.randn(small).to(dtype)
-    if layout == 'channels_last':
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = make_input(small, layout, dtype, torch.Generator().manual_seed(0))
     x.requires_grad_()
-    result = {}
-    for name, fn in make_impls(shape[1], 1, x).items():
-        if not callable(fn):
-            continue
-        saved = []
-
-        def pack(t):
-            saved.append(t)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(x)
-        extra = sum(t.numel() * t.element_size() for t in saved
-                    if t is not x and t.numel() >= x.numel())
-        result[name] = extra / (x.numel() * x.element_size())
-    return result
+    return {
+        name: saved_ratio(fn, x)
+        for name, fn in make_impls(shape[1], 1, x).items() if callable(fn)
+    }
 
 
 def run_world(rank, world, args, threads, port, queue):
