@@ -24,8 +24,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, args, results, pg_timeout):
-    # torchrun's variables too, for code (mmengine) that reads them.
+def join_group(rank: int, world_size: int, port: int,
+               pg_timeout: float) -> None:
+    """Makes this process rank ``rank`` of a gloo group on 127.0.0.1, with
+    one thread and torchrun's variables (for code, like mmengine, that reads
+    them)."""
     os.environ.update(
         MASTER_ADDR='127.0.0.1',
         MASTER_PORT=str(port),
@@ -33,12 +36,16 @@ def _worker(fn, rank, world_size, port, args, results, pg_timeout):
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
+    dist.init_process_group(
+        'gloo',
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=pg_timeout))
+
+
+def _worker(fn, rank, world_size, port, args, results, pg_timeout):
     try:
-        dist.init_process_group(
-            'gloo',
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=pg_timeout))
+        join_group(rank, world_size, port, pg_timeout)
         try:
             result = fn(rank, world_size, *args)
         finally:

@@ -298,27 +298,27 @@ def standard_cases(
                         dtype=dtype,
                         stats_mode=mode,
                         seed=seed))
+    options_list = [
+        dict(affine=False),
+        dict(track_running_stats=False),
+        dict(momentum=None, steps=3),
+        dict(training=False),
+        dict(track_running_stats=False, training=False),
+        dict(offset=1e4, dtype='float32'),
+        dict(offset=1e4, dtype='float64'),
+        dict(channels=1, dim=4),
+        dict(channels=17, dim=2)
+    ]
+    # The fused ReLU against BN followed by F.relu, every layout and dtype.
+    relu_layouts = ((2, False), (4, False), (4, True), (5, True))
+    options_list += [
+        dict(dim=dim, channels_last=last, dtype=dtype, act='relu')
+        for dtype, (dim, last) in itertools.product(dtypes, relu_layouts)
+    ]
     for splits in splits_list:
-        for options in (dict(affine=False), dict(track_running_stats=False),
-                        dict(momentum=None, steps=3), dict(training=False),
-                        dict(track_running_stats=False, training=False),
-                        dict(offset=1e4, dtype='float32'),
-                        dict(offset=1e4, dtype='float64'),
-                        dict(channels=1, dim=4), dict(channels=17, dim=2)):
+        for options in options_list:
             seed += 1
             cases.append(Case(splits=list(splits), seed=seed, **options))
-        # The fused ReLU against BN followed by F.relu, every layout/dtype.
-        for dtype, (dim, channels_last) in itertools.product(
-                dtypes, ((2, False), (4, False), (4, True), (5, True))):
-            seed += 1
-            cases.append(
-                Case(
-                    splits=list(splits),
-                    dim=dim,
-                    channels_last=channels_last,
-                    dtype=dtype,
-                    act='relu',
-                    seed=seed))
     return cases
 
 

@@ -39,6 +39,19 @@ def sample_inputs(dtype):
             yield f'{x.dim()}d-{layout}', xl
 
 
+def saved_for_backward(fn, x):
+    """The tensors that ``fn(x)`` saves for backward (saved-tensor hooks)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return saved
+
+
 class TestOps:
     """Each op passes torch.library.opcheck (schema, fake, autograd)."""
 
@@ -228,24 +241,19 @@ class TestModule:
         """act='relu' saves the input only; BN then ReLU also saves the
         ReLU's output."""
 
-        def saved_besides(fn, x):
-            saved = []
-
-            def pack(t):
-                saved.append(t)
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                fn(x)
-            return [t for t in saved if t is not x]
-
         for name, x in sample_inputs(dtype):
             if name.endswith('transposed'):
                 continue  # saved as the contiguous copy the kernels read
             x = x.detach().requires_grad_()
-            fused = saved_besides(SyncBatchNorm(x.size(1), act='relu'), x)
+            fused = [
+                t for t in saved_for_backward(
+                    SyncBatchNorm(x.size(1), act='relu'), x) if t is not x
+            ]
             plain = SyncBatchNorm(x.size(1))
-            pair = saved_besides(lambda t: F.relu(plain(t)), x)
+            pair = [
+                t for t in saved_for_backward(lambda t: F.relu(plain(t)), x)
+                if t is not x
+            ]
             assert all(t.numel() < x.numel() for t in fused)
             extra = [t for t in pair if t.numel() >= x.numel()]
             assert len(extra) == 1 and extra[0].shape == x.shape
@@ -255,15 +263,7 @@ class TestModule:
 
     def test_saves_nothing_of_input_size_but_the_input(self):
         x = torch.randn(8, 16, 10, 10, requires_grad=True)
-        layer = SyncBatchNorm(16)
-        saved = []
-
-        def pack(t):
-            saved.append(t)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x)
+        saved = saved_for_backward(SyncBatchNorm(16), x)
         big = [t for t in saved if t.numel() >= x.numel()]
         assert len(big) == 1 and big[0] is x
         assert sum(t.numel() for t in saved if t is not x) <= 6 * 16 + 1

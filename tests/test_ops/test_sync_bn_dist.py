@@ -2,7 +2,6 @@
 ``group_size``, torch.compile with collectives in the graph, the opt-in
 consistency check, and a dead or stuck rank turning into a clear error."""
 import copy
-import datetime
 import os
 import queue
 import time
@@ -10,11 +9,10 @@ import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from dist_utils import free_port, run_distributed
+from dist_utils import free_port, join_group, run_distributed
 
 from mmsync.cnn import build_norm_layer
 from mmsync.ops import SyncBatchNorm
@@ -220,13 +218,7 @@ def test_check_sync_world_one(check_sync):
 
 def _rank_fails(rank, port, results, pg_timeout, failure):
     """Trains with one layer; rank 1 dies or stalls at the third step."""
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        'gloo',
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=pg_timeout))
+    join_group(rank, 2, port, pg_timeout)
     layer = SyncBatchNorm(4)
     for step in range(5):
         if rank == 1 and step == 2:
