@@ -38,6 +38,19 @@ ext_module = load_ext('_ext', [
 STATS_MODES = ('default', 'N')
 
 
+def check_stats_mode(stats_mode: str) -> None:
+    """Raises a ValueError naming the allowed statistics modes."""
+    if stats_mode not in STATS_MODES:
+        raise ValueError(f'stats_mode must be one of {STATS_MODES}, got '
+                         f'{stats_mode!r}')
+
+
+def check_act(act: Optional[str]) -> None:
+    """Raises a ValueError unless ``act`` is a fusable activation."""
+    if act not in (None, 'relu'):
+        raise ValueError(f"act must be None or 'relu', got {act!r}")
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -389,11 +402,8 @@ class SyncBatchNorm(_BatchNorm):
                  act: Optional[str] = None,
                  group_size: Optional[int] = None,
                  check_sync: Optional[bool] = None):
-        if stats_mode not in STATS_MODES:
-            raise ValueError(f'stats_mode must be one of {STATS_MODES}, got '
-                             f'{stats_mode!r}')
-        if act not in (None, 'relu'):
-            raise ValueError(f"act must be None or 'relu', got {act!r}")
+        check_stats_mode(stats_mode)
+        check_act(act)
         if group_size is not None:
             if (isinstance(group_size, bool)
                     or not isinstance(group_size, int) or group_size < 1):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...ops import SyncBatchNorm
-from ...ops.sync_bn import STATS_MODES
+from ...ops.sync_bn import check_act, check_stats_mode
 
 
 class BatchNormXd(_BatchNorm):
@@ -41,8 +41,7 @@ class BatchNormXd(_BatchNorm):
                  affine: bool = True,
                  track_running_stats: bool = True,
                  act: Optional[str] = None):
-        if act not in (None, 'relu'):
-            raise ValueError(f"act must be None or 'relu', got {act!r}")
+        check_act(act)
         super().__init__(num_features, eps, momentum, affine,
                          track_running_stats)
         self.act = act
@@ -102,9 +101,7 @@ def convert_sync_batchnorm(module: nn.Module,
     Returns:
         nn.Module: The converted module.
     """
-    if stats_mode not in STATS_MODES:
-        raise ValueError(f'stats_mode must be one of {STATS_MODES}, got '
-                         f'{stats_mode!r}')
+    check_stats_mode(stats_mode)
     module_output = module
     if (isinstance(module, _BatchNorm)
             and not isinstance(module, SyncBatchNorm)):
