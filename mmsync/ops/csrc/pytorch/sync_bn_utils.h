@@ -109,6 +109,26 @@ inline int64_t stats_channels(const at::Tensor& stats) {
   return (stats.size(0) - 2) / 2;
 }
 
+// Whether running_mean and running_var are both given to
+// sync_bn_forward_finalize; if so, checks that each holds C values on
+// `device`.
+inline bool running_stats_given(const c10::optional<at::Tensor>& running_mean,
+                                const c10::optional<at::Tensor>& running_var,
+                                int64_t C, const at::Device& device) {
+  const bool given = running_mean.has_value() && running_mean->defined() &&
+                     running_var.has_value() && running_var->defined();
+  if (given) {
+    TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C,
+                "sync_bn_forward_finalize: running_mean and running_var must "
+                "have C = ",
+                C, " elements");
+    TORCH_CHECK(
+        running_mean->device() == device && running_var->device() == device,
+        "sync_bn_forward_finalize: running stats must be on ", device);
+  }
+  return given;
+}
+
 inline at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -121,19 +121,14 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cpu(
     invstd[c] = 1.0 / std::sqrt(v + eps);
     unbiased[c] = unbiased_var(v, s[1]);
   }
-  const bool has_running = running_mean.has_value() &&
-                           running_mean->defined() && running_var.has_value() &&
-                           running_var->defined();
+  const bool has_running =
+      running_stats_given(running_mean, running_var, C, stats.device());
   if (has_running && s[1] > 0.0) {
     const bool tracked = num_batches_tracked.has_value() &&
                          num_batches_tracked->defined();
     const double f = update_factor(
         momentum.has_value(), momentum.value_or(0.0), tracked,
         tracked ? num_batches_tracked->item<int64_t>() : 0);
-    TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C,
-                "sync_bn_forward_finalize: running_mean and running_var must "
-                "have C = ",
-                C, " elements");
     // running = (1 - f) * running + f * value, in place, in double.
     const auto update = [&](const Tensor& running,
                             const std::vector<double>& value) {

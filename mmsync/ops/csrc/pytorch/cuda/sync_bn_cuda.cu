@@ -349,20 +349,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cuda(
   Tensor mean = at::empty({C}, opts), invstd = at::empty({C}, opts),
          scale = at::empty({1}, opts);
 
-  const bool has_running = running_mean.has_value() &&
-                           running_mean->defined() && running_var.has_value() &&
-                           running_var->defined();
+  const bool has_running =
+      running_stats_given(running_mean, running_var, C, stats.device());
   Tensor rm, rv;  // what the kernel updates in place
   bool copy_back = false;
   if (has_running) {
-    TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C,
-                "sync_bn_forward_finalize: running_mean and running_var must "
-                "have C = ",
-                C, " elements");
-    TORCH_CHECK(running_mean->device() == stats.device() &&
-                    running_var->device() == stats.device(),
-                "sync_bn_forward_finalize: running stats must be on ",
-                stats.device());
     rm = *running_mean;
     rv = *running_var;
     if (rm.scalar_type() != rv.scalar_type() || !rm.is_contiguous() ||
