@@ -11,7 +11,6 @@ train set over the ranks) runs before anything is written, and a failed one
 ends the run with one line on stderr and exit status 2.
 """
 import argparse
-import datetime
 import gc
 import os
 import os.path as osp
@@ -22,13 +21,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
+from mmengine.registry import DATASETS, MODELS, RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
-from mmsync.cnn import is_norm
+from mmsync.cnn import MMSyncRunner, is_norm
+from mmsync.cnn.utils.runner import init_dist_from_env
 from mmsync.datasets import max_even_world_size, rank_steps
 from mmsync.models import checkpoint_safe_globals
-from mmsync.registry import DATASETS, MODELS
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 TORCHRUN_VARS = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR',
@@ -98,6 +97,9 @@ def load_config(args) -> Config:
     except Exception as e:
         raise UsageError(f'cannot read config {args.config!r}: '
                          f'{type(e).__name__}: {_one_line(e)}')
+    # Config.fromfile imported cfg.custom_imports; names resolve from the
+    # config's own scope (e.g. 'mmpretrain'), as in mmengine's Runner.
+    init_default_scope(cfg.get('default_scope', 'mmengine'))
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs',
@@ -262,29 +264,13 @@ def check_split(cfg: Config, world_size: int) -> str:
 
 
 def init_distributed(cfg: Config, env: dict) -> str:
-    """Join the process group; the backend is NCCL with CUDA, else gloo.
-
-    mmengine's own ``init_dist`` assumes CUDA; this works on CPU as well.
+    """Join the process group: NCCL with CUDA, else gloo (also on CPU).
 
     Returns:
         str: The backend.
     """
     os.environ.update(env)
-    dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
-    backend = dist_cfg.pop('backend', None)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(env['LOCAL_RANK']))
-        backend = backend or 'nccl'
-    backend = backend or 'gloo'
-    timeout = dist_cfg.pop('timeout', None)
-    if timeout is not None:
-        dist_cfg['timeout'] = datetime.timedelta(seconds=timeout)
-    dist.init_process_group(
-        backend=backend,
-        rank=int(env['RANK']),
-        world_size=int(env['WORLD_SIZE']),
-        **dist_cfg)
-    return backend
+    return init_dist_from_env(**cfg.get('env_cfg', {}).get('dist_cfg', {}))
 
 
 def draw_curves(runner: Runner) -> None:
@@ -299,8 +285,10 @@ def draw_curves(runner: Runner) -> None:
 
 def train(cfg: Config, backend: Optional[str], plan: str) -> None:
     """Build the runner, train, and draw the curves on rank 0."""
+    # MMSyncRunner: gloo and a CPU-capable DDP wrapper for any config.
     runner = (
-        RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg))
+        RUNNERS.build(cfg)
+        if 'runner_type' in cfg else MMSyncRunner.from_cfg(cfg))
     if backend:
         runner.logger.info(f'process group: {backend}, {runner.world_size} '
                            f'ranks; train set {plan}')

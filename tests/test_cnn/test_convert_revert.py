@@ -97,7 +97,7 @@ class TestConvert:
             for attr in ('num_features', 'eps', 'momentum', 'affine',
                          'track_running_stats', 'training'):
                 assert getattr(m, attr) == getattr(source, attr), (name, attr)
-            assert m.group is None and m.stats_mode == 'default'
+            assert m.group is None and m.stats_mode == 'N'
         assert not converted[1].training and converted[3][1].training
         assert not converted[4]['norm'].weight.requires_grad
         assert converted[1].weight.requires_grad
@@ -106,10 +106,10 @@ class TestConvert:
         model = nn.Sequential(
             nn.BatchNorm1d(3, eps=1e-3, momentum=None),
             nn.BatchNorm2d(3, affine=False, track_running_stats=False))
-        converted = convert_sync_batchnorm(model, stats_mode='N')
+        converted = convert_sync_batchnorm(model, stats_mode='default')
         first, second = converted
         assert (first.eps, first.momentum, first.stats_mode) == (1e-3, None,
-                                                                 'N')
+                                                                 'default')
         assert first.group is None
         assert second.weight is None and second.running_mean is None
         assert not second.affine and not second.track_running_stats

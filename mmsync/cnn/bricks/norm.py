@@ -2,18 +2,26 @@
 
 ``build_norm_layer`` keeps mmcv's contract (name from the abbreviation plus a
 postfix, ``requires_grad`` applied to every parameter, ``eps`` defaulting to
-1e-5, GroupNorm built from ``num_channels``) and resolves ``type`` in
-mmsync's ``NORM_LAYERS`` first, so ``'MMSyncBN'`` is mmsync's layer even when
-mmcv registers one of the same name in mmengine's root registry.
+1e-5, GroupNorm built from ``num_channels``, the exception types mmcv's own
+tests expect) and resolves ``type`` in mmsync's ``NORM_LAYERS`` first.
+
+mmsync's layer is also registered as ``'MMSyncBN'`` in mmengine's root
+``MODELS``, where mmcv's builders and every downstream registry (mmpretrain,
+mmdet, mmseg: children of the root) look a bare name up. mmsync is the
+drop-in for mmcv's layer of that name, so where mmcv registered its own
+first, mmsync takes the name over and says so once.
 """
 import inspect
+import logging
 from typing import Dict, List, Tuple, Type, Union
 
 import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.registry import MODELS as ROOT_MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ...ops import SyncBatchNorm  # noqa: F401 (registers 'MMSyncBN')
+from ...ops import SyncBatchNorm
 from ...registry import NORM_LAYERS
 
 # torch's norm layers under mmcv's names; 'MMSyncBN' is registered by
@@ -35,6 +43,35 @@ for _name, _cls in TORCH_NORM_LAYERS.items():
     NORM_LAYERS.register_module(name=_name, module=_cls)
 
 NORM_LAYER_NAMES: Tuple[str, ...] = tuple(TORCH_NORM_LAYERS) + ('MMSyncBN', )
+
+
+def register_root_name(name: str = 'MMSyncBN',
+                       module: type = SyncBatchNorm) -> None:
+    """Register ``module`` as ``name`` in mmengine's root ``MODELS``.
+
+    A bare ``type=name`` in any OpenMMLab config then resolves to it under
+    every default scope. Another class already there under that name (mmcv's
+    full build registers its own 'MMSyncBN') is replaced, with one warning.
+
+    Args:
+        name (str): The registered name. Default: 'MMSyncBN'.
+        module (type): The class. Default: mmsync's ``SyncBatchNorm``.
+    """
+    current = ROOT_MODELS.module_dict.get(name)
+    if current is module:
+        return
+    if current is not None:
+        print_log(
+            f'mmsync: {name!r} in mmengine\'s root MODELS registry was '
+            f'{current.__module__}.{current.__qualname__}; it is now '
+            f'{module.__module__}.{module.__qualname__} (mmsync is the '
+            f'drop-in; use "mmsync.{name}" to be explicit)',
+            logger='current',
+            level=logging.WARNING)
+    ROOT_MODELS.register_module(name=name, module=module, force=True)
+
+
+register_root_name()
 
 # _InstanceNorm no longer derives from _BatchNorm in torch 2, so both are
 # listed; mmsync's SyncBatchNorm is a _BatchNorm, unlike mmcv's.
@@ -85,6 +122,14 @@ def infer_abbr(class_type: type) -> str:
         if word in class_name:
             return abbr
     return 'norm_layer'
+
+
+class NormCfgError(TypeError, AssertionError):
+    """A bad ``postfix``: a TypeError, and the AssertionError mmcv raises."""
+
+
+class NormCfgKeyError(KeyError, AssertionError):
+    """A missing GroupNorm key: a KeyError, and mmcv's AssertionError."""
 
 
 def _get_norm_class(layer_type: Union[str, type]) -> type:
@@ -141,8 +186,8 @@ def build_norm_layer(cfg: Dict,
         raise KeyError(f'the norm cfg must contain the key "type", got keys '
                        f'{sorted(cfg)}')
     if not isinstance(postfix, (int, str)) or isinstance(postfix, bool):
-        raise TypeError(f'postfix must be an int or a str, got {postfix!r} '
-                        f'of type {type(postfix).__name__}')
+        raise NormCfgError(f'postfix must be an int or a str, got '
+                           f'{postfix!r} of type {type(postfix).__name__}')
     cfg_ = dict(cfg)
     layer_type = cfg_.pop('type')
     norm_layer = _get_norm_class(layer_type)
@@ -152,8 +197,8 @@ def build_norm_layer(cfg: Dict,
     cfg_.setdefault('eps', 1e-5)
     if issubclass(norm_layer, nn.GroupNorm):
         if 'num_groups' not in cfg_:
-            raise KeyError(f'the cfg of {layer_type!r} (GroupNorm) must '
-                           f'contain "num_groups", got {cfg!r}')
+            raise NormCfgKeyError(f'the cfg of {layer_type!r} (GroupNorm) '
+                                  f'must contain "num_groups", got {cfg!r}')
         layer = norm_layer(num_channels=num_features, **cfg_)
     else:
         layer = norm_layer(num_features, **cfg_)

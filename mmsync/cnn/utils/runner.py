@@ -1,19 +1,30 @@
-"""``cfg.sync_bn = 'mmsync'``: mmengine's Runner converting BN to MMSyncBN.
+"""``MMSyncRunner``: mmengine's Runner on CPU and GPU, with ``sync_bn='mmsync'``.
 
 mmengine's ``Runner`` reads ``cfg.sync_bn`` ('torch' or 'mmcv') when it wraps
 a distributed model. ``MMSyncRunner`` adds 'mmsync', selected from a config
 with::
 
     runner_type = 'MMSyncRunner'
-    sync_bn = 'mmsync'  # or dict(type='mmsync', stats_mode='N')
+    sync_bn = 'mmsync'  # or dict(type='mmsync', stats_mode='default')
+
+It also trains any OpenMMLab config on a CPU build of torch: mmengine's
+``init_dist`` assumes CUDA (it calls ``torch.cuda.set_device``) and its
+default DDP wrapper passes ``device_ids=[LOCAL_RANK]``, which DDP rejects for
+a CPU model. ``tools/train.py`` uses it for every config without its own
+``runner_type``.
 """
+import datetime
+import os
 from typing import Dict, Optional, Union
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
 from mmengine.model import is_model_wrapper
-from mmengine.registry import RUNNERS
+from mmengine.registry import RUNNERS as ROOT_RUNNERS
 from mmengine.runner import Runner
 
+from ...registry import RUNNERS
 from .sync_bn import convert_sync_batchnorm
 
 SYNC_BN_TYPE = 'mmsync'
@@ -49,6 +60,51 @@ def sync_bn_options(sync_bn: Union[str, Dict, None]) -> Optional[Dict]:
     return options
 
 
+ENV_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+def init_dist_from_env(backend: Optional[str] = None,
+                       timeout: Union[int, float, datetime.timedelta,
+                                      None] = None,
+                       **kwargs) -> str:
+    """Join the default process group from torchrun's environment.
+
+    Works on CPU builds of torch, unlike mmengine's ``init_dist``: with CUDA
+    the process takes the GPU of its LOCAL_RANK and the backend defaults to
+    NCCL; without CUDA it is gloo, also where the config asks for NCCL (as
+    OpenMMLab's default runtimes do), so that a GPU config runs on CPU.
+
+    Args:
+        backend (str, optional): 'nccl', 'gloo' or None to choose as above.
+        timeout (int | float | timedelta, optional): Seconds a collective may
+            wait (mmengine's ``dist_cfg.timeout``). Default: torch's.
+        **kwargs: Passed to ``torch.distributed.init_process_group``.
+
+    Returns:
+        str: The backend.
+    """
+    missing = [name for name in ENV_VARS if name not in os.environ]
+    if missing:
+        raise RuntimeError('init_dist_from_env needs the environment '
+                           f'variable(s) {", ".join(missing)}: start the '
+                           'processes with torchrun (tools/dist_train.sh)')
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+        backend = backend or 'nccl'
+    elif backend in (None, 'nccl'):
+        backend = 'gloo'
+    if timeout is not None and not isinstance(timeout, datetime.timedelta):
+        timeout = datetime.timedelta(seconds=timeout)
+    if timeout is not None:
+        kwargs['timeout'] = timeout
+    dist.init_process_group(
+        backend=backend,
+        rank=int(os.environ['RANK']),
+        world_size=int(os.environ['WORLD_SIZE']),
+        **kwargs)
+    return backend
+
+
 @RUNNERS.register_module()
 class MMSyncRunner(Runner):
     """mmengine's ``Runner`` whose ``cfg.sync_bn`` also accepts 'mmsync'.
@@ -63,6 +119,14 @@ class MMSyncRunner(Runner):
 
     def wrap_model(self, model_wrapper_cfg: Optional[Dict],
                    model: nn.Module) -> nn.Module:
+        if (model_wrapper_cfg is None and self.distributed
+                and not torch.cuda.is_available()):
+            model_wrapper_cfg = dict(
+                type='MMDistributedDataParallel',
+                device_ids=None,
+                broadcast_buffers=False,
+                find_unused_parameters=self.cfg.get('find_unused_parameters',
+                                                    False))
         options = sync_bn_options(self.cfg.get('sync_bn', None))
         if options is None:
             return super().wrap_model(model_wrapper_cfg, model)
@@ -76,3 +140,8 @@ class MMSyncRunner(Runner):
             return super().wrap_model(model_wrapper_cfg, model)
         finally:
             self.cfg.sync_bn = sync_bn
+
+
+# Downstream configs (default scope 'mmpretrain', 'mmdet', ...) find it by
+# its bare name: runner_type='MMSyncRunner'.
+ROOT_RUNNERS.register_module(module=MMSyncRunner, force=True)

@@ -3,8 +3,16 @@
 Both directions share the parameters and buffers of the layers they replace
 (no copy), so an optimizer built before the swap still updates the model,
 and the state_dict keys do not change.
+
+torch's BatchNorm classes become ``SyncBatchNorm`` itself. Any other
+``_BatchNorm`` subclass (timm's ``BatchNormAct2d``, a model zoo's own BN with
+an activation) keeps what it adds: it becomes an instance of a class derived
+from both its own class and MMSyncBN, with its submodules and attributes,
+whose batch normalization is MMSyncBN's; ``revert_sync_batchnorm`` gives the
+original class back.
 """
-from typing import Optional
+import copy
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -76,38 +84,122 @@ def _share_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:
     return target
 
 
-def convert_sync_batchnorm(module: nn.Module,
-                           group=None,
-                           stats_mode: str = 'default',
-                           group_size: Optional[int] = None) -> nn.Module:
-    """Replace every BatchNorm in ``module`` by MMSyncBN.
+def _rebuild(cls: type, source: nn.Module, drop: Tuple[str, ...] = (),
+             **extra) -> nn.Module:
+    """An instance of ``cls`` holding ``source``'s state, without __init__.
 
-    BatchNorm1d/2d/3d, torch's ``SyncBatchNorm``, ``BatchNormXd`` and any
-    other ``_BatchNorm`` become ``mmsync.ops.SyncBatchNorm`` sharing the
-    same parameters and buffers (``requires_grad`` follows), in the same
-    train/eval mode. MMSyncBN layers already there are left as they are.
-
-    Args:
-        module (nn.Module): The model, changed in place; if it is itself a
-            BatchNorm the new layer is returned instead.
-        group (ProcessGroup, optional): Ranks the new layers synchronize;
-            ``None`` for the default group. Default: None.
-        stats_mode (str): 'default' or 'N', see ``SyncBatchNorm``.
-            Default: 'default'.
-        group_size (int, optional): Synchronize within groups of this many
-            consecutive ranks instead of ``group``, see ``SyncBatchNorm``.
-            Default: None.
-
-    Returns:
-        nn.Module: The converted module.
+    Parameters, buffers and submodules are shared (their dicts are copied,
+    not their tensors); ``drop`` names attributes left out, ``extra`` adds
+    attributes.
     """
-    check_stats_mode(stats_mode)
-    module_output = module
-    if (isinstance(module, _BatchNorm)
-            and not isinstance(module, SyncBatchNorm)):
+    target = cls.__new__(cls)
+    state = {
+        key: copy.copy(value) if isinstance(value, (dict, set)) else value
+        for key, value in vars(source).items() if key not in drop
+    }
+    state.update(extra)
+    target.__dict__.update(state)
+    return target
+
+
+# Classes whose own forward is exactly "batch norm, then these submodules in
+# order" (matched by the end of the qualified name, across timm versions).
+KNOWN_TAILS: Dict[str, Tuple[str, ...]] = {
+    'norm_act.BatchNormAct2d': ('drop', 'act'),
+    'norm_act.SyncBatchNormAct': ('drop', 'act'),
+}
+PLAIN_SOURCES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _known_tail(cls: type) -> Optional[Tuple[str, ...]]:
+    for klass in cls.__mro__:
+        name = f'{klass.__module__}.{klass.__qualname__}'
+        for suffix, tail in KNOWN_TAILS.items():
+            if name.endswith(suffix):
+                return tail
+    return None
+
+
+def _is_plain(module: _BatchNorm) -> bool:
+    """Whether MMSyncBN itself computes what ``module`` does."""
+    cls = type(module)
+    if cls in PLAIN_SOURCES + (nn.SyncBatchNorm, BatchNormXd):
+        return True
+    return (cls.forward is _BatchNorm.forward
+            and not any(True for _ in module.children()))
+
+
+class _SyncProbe(SyncBatchNorm):
+    """Notes that the synchronized forward ran, for a subclass's own
+    forward that is expected to reach it through ``super().forward``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self.__dict__['_mmsync_reached'] = True
+        return super().forward(input)
+
+
+def _tail_forward(tail: Tuple[str, ...]):
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        output = SyncBatchNorm.forward(self, input)
+        for name in tail:
+            output = self._modules[name](output)
+        return output
+
+    return forward
+
+
+def _checked_forward(self, input: torch.Tensor) -> torch.Tensor:
+    self.__dict__['_mmsync_reached'] = False
+    output = self._mmsync_source_cls.forward(self, input)
+    needs_sync = self.training or self.running_mean is None
+    if needs_sync and not self.__dict__['_mmsync_reached']:
+        cls = self._mmsync_source_cls
+        raise RuntimeError(
+            f'convert_sync_batchnorm: {cls.__module__}.{cls.__qualname__}.'
+            'forward does not call super().forward(), so its batch norm '
+            'cannot be synchronized; build the model with '
+            "norm_cfg=dict(type='MMSyncBN') instead, or add the class to "
+            'mmsync.cnn.utils.sync_bn.KNOWN_TAILS if its forward is batch '
+            'norm followed by submodules')
+    return output
+
+
+_sync_classes: Dict[type, type] = {}
+
+
+def sync_class_of(cls: type) -> type:
+    """The class derived from ``cls`` and MMSyncBN that conversion gives.
+
+    Its batch normalization is MMSyncBN's; everything else is ``cls``'s:
+    a known tail (timm's BatchNorm + drop + activation) runs after the
+    synchronized batch norm, any other ``forward`` of ``cls`` runs as it is
+    and must reach the batch norm through ``super().forward`` (checked at
+    every training step: an error, never an unsynchronized result).
+    """
+    if cls not in _sync_classes:
+        tail = _known_tail(cls)
+        body = dict(
+            __module__=__name__,
+            __doc__=f'{cls.__qualname__} whose batch norm is MMSyncBN\'s.',
+            _mmsync_source_cls=cls,
+            forward=_tail_forward(tail) if tail else _checked_forward)
+        _sync_classes[cls] = type(f'MMSync{cls.__name__}', (cls, _SyncProbe),
+                                  body)
+    return _sync_classes[cls]
+
+
+SYNC_ATTRS = ('group', 'stats_mode', 'subgroup_size', 'check_sync',
+              '_sync_check', '_mmsync_reached', '_mmsync_added')
+
+
+def _to_sync(module: _BatchNorm, group, stats_mode: str,
+             group_size: Optional[int]) -> SyncBatchNorm:
+    """MMSyncBN computing what ``module`` computes, sharing its state."""
+    if _is_plain(module):
         # Only our own BatchNormXd's act is known to mean a fused ReLU.
         act = module.act if isinstance(module, BatchNormXd) else None
-        module_output = _share_state(
+        layer = _share_state(
             module,
             SyncBatchNorm(
                 module.num_features,
@@ -119,19 +211,108 @@ def convert_sync_batchnorm(module: nn.Module,
                 stats_mode=stats_mode,
                 act=act,
                 group_size=group_size))
+        if type(module) in PLAIN_SOURCES:
+            layer._mmsync_source_cls = type(module)
+        return layer
+    # Built like SyncBatchNorm.__init__ would, for the attributes the
+    # subclass does not have already (an 'act' submodule stays a module).
+    template = SyncBatchNorm(
+        module.num_features,
+        group=group,
+        stats_mode=stats_mode,
+        group_size=group_size)
+    added = tuple(
+        name for name in ('act', ) + SYNC_ATTRS[:5]
+        if not hasattr(module, name))
+    return _rebuild(
+        sync_class_of(type(module)),
+        module,
+        _mmsync_added=added,
+        **{name: getattr(template, name)
+           for name in added})
+
+
+def convert_sync_batchnorm(module: nn.Module,
+                           group=None,
+                           stats_mode: str = 'N',
+                           group_size: Optional[int] = None) -> nn.Module:
+    """Replace every BatchNorm in ``module`` by MMSyncBN.
+
+    BatchNorm1d/2d/3d, torch's ``SyncBatchNorm`` and ``BatchNormXd`` become
+    ``mmsync.ops.SyncBatchNorm``; any other ``_BatchNorm`` subclass (e.g.
+    timm's ``BatchNormAct2d``) becomes a class derived from both it and
+    MMSyncBN that keeps its submodules and attributes (see
+    ``sync_class_of``). Parameters and buffers are shared, ``requires_grad``
+    and the train/eval mode follow. MMSyncBN layers already there are left
+    as they are; ones that ``revert_sync_batchnorm`` made local synchronize
+    again.
+
+    The default ``stats_mode='N'`` weighs every rank by its sample count:
+    the exact statistics of the global batch, as the BatchNorm or
+    ``torch.nn.SyncBatchNorm`` being replaced computes them (the layer's own
+    default stays mmcv's 'default').
+
+    Args:
+        module (nn.Module): The model, changed in place; if it is itself a
+            BatchNorm the new layer is returned instead.
+        group (ProcessGroup, optional): Ranks the new layers synchronize;
+            ``None`` for the default group. Default: None.
+        stats_mode (str): 'default' or 'N', see ``SyncBatchNorm``.
+            Default: 'N'.
+        group_size (int, optional): Synchronize within groups of this many
+            consecutive ranks instead of ``group``, see ``SyncBatchNorm``.
+            Default: None.
+
+    Returns:
+        nn.Module: The converted module.
+    """
+    check_stats_mode(stats_mode)
+    module_output = module
+    local_of = getattr(type(module), '_mmsync_local_of', None)
+    if local_of is not None:
+        module_output = _rebuild(local_of, module)
+    elif (isinstance(module, _BatchNorm)
+          and not isinstance(module, SyncBatchNorm)):
+        module_output = _to_sync(module, group, stats_mode, group_size)
     for name, child in module.named_children():
         module_output.add_module(
             name, convert_sync_batchnorm(child, group, stats_mode, group_size))
     return module_output
 
 
-def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace MMSyncBN and torch's SyncBatchNorm by ``BatchNormXd``.
+def _local_sync_group(self) -> Tuple[None, int]:
+    return None, 1
 
-    The result runs on CPU in one process without any process group. The
-    new layers share the parameters and buffers of the old ones and keep
-    their train/eval mode and fused ReLU, so eval outputs and state_dict
-    keys are unchanged.
+
+_local_classes: Dict[type, type] = {}
+
+
+def local_class_of(cls: type) -> type:
+    """``cls`` (an MMSyncBN subclass) synchronizing with no other rank."""
+    if cls not in _local_classes:
+        _local_classes[cls] = type(
+            cls.__name__, (cls, ),
+            dict(
+                __module__=__name__,
+                __doc__=f'{cls.__qualname__} normalizing each rank alone.',
+                _mmsync_local_of=cls,
+                _sync_group=_local_sync_group))
+    return _local_classes[cls]
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace synchronized BatchNorms by ones that need no process group.
+
+    - MMSyncBN and torch's SyncBatchNorm become ``BatchNormXd`` (keeping a
+      fused ReLU), or the BatchNorm1d/2d/3d they were converted from;
+    - a class made by ``convert_sync_batchnorm`` from another BatchNorm
+      (timm's ``BatchNormAct2d``, ...) becomes that class again;
+    - any other subclass of MMSyncBN stays an instance of its class (what it
+      adds is kept) that normalizes each process alone.
+
+    The new layers share the parameters, buffers and submodules of the old
+    ones and keep their train/eval mode, so eval outputs and state_dict keys
+    are unchanged.
 
     Args:
         module (nn.Module): The model, changed in place; if it is itself a
@@ -141,16 +322,28 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
         nn.Module: The reverted module.
     """
     module_output = module
-    if isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
-        module_output = _share_state(
-            module,
-            BatchNormXd(
+    cls = type(module)
+    source = getattr(cls, '_mmsync_source_cls', None)
+    if source is not None and cls in _sync_classes.values():
+        module_output = _rebuild(
+            source, module, drop=SYNC_ATTRS + module._mmsync_added)
+    elif type(module) in (SyncBatchNorm, nn.SyncBatchNorm):
+        plain = getattr(module, '_mmsync_source_cls', None)
+        if plain is not None:
+            new = plain(module.num_features, module.eps, module.momentum,
+                        module.affine, module.track_running_stats)
+        else:
+            new = BatchNormXd(
                 module.num_features,
                 module.eps,
                 module.momentum,
                 module.affine,
                 module.track_running_stats,
-                act=getattr(module, 'act', None)))
+                act=getattr(module, 'act', None))
+        module_output = _share_state(module, new)
+    elif (isinstance(module, SyncBatchNorm)
+          and getattr(cls, '_mmsync_local_of', None) is None):
+        module_output = _rebuild(local_class_of(cls), module)
     for name, child in module.named_children():
         module_output.add_module(name, revert_sync_batchnorm(child))
     return module_output
