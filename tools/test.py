@@ -16,6 +16,7 @@ from mmengine.evaluator import Evaluator
 from mmengine.runner import Runner
 
 from mmsync.models import init_model
+from mmsync.models.checkpoint import CheckpointError
 
 
 def parse_args():
@@ -31,6 +32,11 @@ def parse_args():
         action=DictAction,
         help='override config entries, e.g. test_dataloader.batch_size=64')
     parser.add_argument('--out', help='also write the metrics to this JSON')
+    parser.add_argument(
+        '--trust-checkpoint',
+        action='store_true',
+        help='load the checkpoint with full unpickling, which can run code: '
+        'only for files from a source you trust')
     return parser.parse_args()
 
 
@@ -60,7 +66,10 @@ def main():
             error(f'{name} file {path!r} not found')
     try:
         cfg = Config.fromfile(args.config)
-        model = init_model(cfg, args.checkpoint, args.cfg_options)
+        model = init_model(cfg, args.checkpoint, args.cfg_options,
+                           args.trust_checkpoint)
+    except CheckpointError as e:
+        error(str(e))
     except Exception as e:
         error(f'cannot load the model of {args.config!r} with '
               f'{args.checkpoint!r}: {type(e).__name__}: {e}')

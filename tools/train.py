@@ -6,28 +6,45 @@ Examples::
     tools/dist_train.sh CONFIG 2                      # torchrun, 2 processes
     tools/slurm_train.sh PARTITION JOB CONFIG WORK_DIR
 
-Every check of the input (config, launcher environment, model, split of the
-train set over the ranks) runs before anything is written, and a failed one
-ends the run with one line on stderr and exit status 2.
+Every check of the input (config, launcher environment, work dir, model,
+its sub-groups, every data split it uses, the checkpoint to resume or load)
+runs before anything is written, and a failed one ends the run with one line
+on stderr and exit status 2. Under torchrun a worker records its error for
+torchrun's summary and in the work dir's log, dies with torchrun, and, when
+torchrun restarts it (``--max-restarts``), resumes from the newest checkpoint
+of the work dir that loads.
 """
 import argparse
+import ctypes
 import gc
 import os
 import os.path as osp
+import signal
 import subprocess
 import sys
-from typing import Optional
+import tempfile
+import time
+import traceback
+from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from mmengine.config import Config, DictAction
 from mmengine.registry import DATASETS, MODELS, RUNNERS, init_default_scope
 from mmengine.runner import Runner
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from mmsync.cnn import MMSyncRunner, is_norm
 from mmsync.cnn.utils.runner import init_dist_from_env
 from mmsync.datasets import max_even_world_size, rank_steps
-from mmsync.models import checkpoint_safe_globals
+from mmsync.models.checkpoint import (ATOMIC_BACKEND, CheckpointError,
+                                      checkpoint_candidates,
+                                      checkpoint_loading,
+                                      find_resume_checkpoint,
+                                      load_checkpoint_file)
+from mmsync.ops import SyncBatchNorm
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 TORCHRUN_VARS = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR',
@@ -57,7 +74,12 @@ def parse_args():
         nargs='?',
         const='auto',
         help='resume from this checkpoint, or without a value from the '
-        'latest checkpoint in the work dir')
+        'newest checkpoint in the work dir that loads')
+    parser.add_argument(
+        '--trust-checkpoint',
+        action='store_true',
+        help='load checkpoints (--resume, load_from) with full unpickling, '
+        'which can run code: only for files from a source you trust')
     parser.add_argument(
         '--amp',
         action='store_true',
@@ -200,21 +222,24 @@ def launch_env(launcher: str) -> dict:
         MASTER_PORT=os.environ.get('MASTER_PORT', '29500'))
 
 
-def check_model(cfg: Config, config: str) -> list:
+def check_model(cfg: Config, config: str) -> Tuple[nn.Module, list]:
     """Build the model once (cheap, no process group) to check its config.
 
     Returns:
-        list[str]: Class names of the model's norm layers.
+        tuple[nn.Module, list[str]]: The model and the class names of its
+        norm layers.
     """
     try:
         model = MODELS.build(cfg.model)
     except Exception as e:
         raise UsageError(f'cannot build the model of {config}: '
                          f'{_one_line(e)}')
-    return sorted({type(m).__name__ for m in model.modules() if is_norm(m)})
+    return model, sorted(
+        {type(m).__name__
+         for m in model.modules() if is_norm(m)})
 
 
-def check_split(cfg: Config, world_size: int) -> str:
+def check_split(cfg: Config, world_size: int, dataset) -> str:
     """Check that every rank takes the same number of training steps.
 
     Ranks with fewer steps than others would leave them waiting in a
@@ -225,14 +250,6 @@ def check_split(cfg: Config, world_size: int) -> str:
         steps/epoch'.
     """
     loader = cfg.train_dataloader
-    try:
-        dataset = DATASETS.build(loader.dataset)
-    except Exception as e:
-        raise UsageError(f'cannot build train_dataloader.dataset: '
-                         f'{_one_line(e)}')
-    if len(dataset) == 0:
-        raise UsageError('train_dataloader.dataset is empty: check its '
-                         'split and indices')
     sampler = loader.get('sampler', {})
     batch_size = loader.batch_size
     plan = f'{len(dataset)} samples, {world_size} process(es) x {batch_size}'
@@ -263,6 +280,231 @@ def check_split(cfg: Config, world_size: int) -> str:
         'train_dataloader.batch_size')
 
 
+def check_work_dir(work_dir: str) -> None:
+    """Check that the work dir can be made and written, writing nothing.
+
+    The nearest existing folder on its path takes a temporary file that is
+    gone at once (a permission check alone misses read-only disks and root).
+    """
+    path = osp.abspath(work_dir)
+    while not osp.exists(path):
+        path = osp.dirname(path)
+    if not osp.isdir(path):
+        raise UsageError(f'work dir {work_dir!r} cannot be made: {path!r} is '
+                         'a file, not a folder; pass another --work-dir')
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f'work dir {work_dir!r} is not writable ({path!r}: '
+                         f'{e.strerror}); pass another --work-dir')
+
+
+def used_loaders(cfg: Config) -> List[str]:
+    """The data loaders that training reads: train, and val where the
+    config validates (val_dataloader, val_cfg and val_evaluator set)."""
+    names = ['train_dataloader']
+    if all(
+            cfg.get(key) is not None
+            for key in ('val_dataloader', 'val_cfg', 'val_evaluator')):
+        names.append('val_dataloader')
+    return names
+
+
+def build_dataset(cfg: Config, name: str):
+    """The data set of ``cfg[name]``, which must not be empty."""
+    try:
+        dataset = DATASETS.build(cfg[name].dataset)
+    except Exception as e:
+        raise UsageError(f'cannot build {name}.dataset: {_one_line(e)}')
+    if len(dataset) == 0:
+        raise UsageError(f'{name}.dataset is empty: check its split and '
+                         'indices')
+    return dataset
+
+
+def _num_classes(model: nn.Module) -> Optional[int]:
+    """The classes of a classifier (``num_classes`` of it or its head)."""
+    for owner in (model, getattr(model, 'head', None)):
+        num_classes = getattr(owner, 'num_classes', None)
+        if isinstance(num_classes, int):
+            return num_classes
+    return None
+
+
+def _labels(dataset) -> Optional[np.ndarray]:
+    """Every label of a classification data set that lists them."""
+    if hasattr(dataset, 'get_gt_labels'):  # mmpretrain's BaseDataset
+        return np.asarray(dataset.get_gt_labels())
+    labels = getattr(dataset, 'labels', None)
+    return None if labels is None else np.asarray(labels)
+
+
+def check_data(cfg: Config, name: str, dataset, model: nn.Module) -> None:
+    """Check a split against the model: its labels against the classes, and
+    one batch through the model's data path (shapes, dtypes, keys).
+
+    Raises:
+        UsageError: Naming the loader and what was expected.
+    """
+    num_classes, labels = _num_classes(model), _labels(dataset)
+    if (num_classes is not None and labels is not None and labels.ndim == 1
+            and labels.dtype.kind in 'iu'):
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if bad.size:
+            raise UsageError(
+                f'{name}.dataset: labels must be in 0..{num_classes - 1} for '
+                f"the model's {num_classes} classes, got {labels[bad[0]]} "
+                f'for sample {bad[0]} ({bad.size} such samples)')
+    loader = dict(
+        cfg[name],
+        dataset=dataset,
+        num_workers=0,
+        persistent_workers=False,
+        sampler=dict(type='DefaultSampler', shuffle=False))
+    training = name == 'train_dataloader'
+    try:
+        batch = next(iter(Runner.build_dataloader(loader)))
+        model.train(training)
+        with torch.no_grad():
+            if not training:
+                model.val_step(batch)
+            else:
+                data = model.data_preprocessor(batch, True)
+                if isinstance(data, dict):
+                    model(**data, mode='loss')
+                else:
+                    model(*data, mode='loss')
+    except Exception as e:
+        raise UsageError(
+            f'{name}: its first batch does not go through the model: '
+            f'{type(e).__name__}: {_one_line(e)}')
+
+
+def _config_paths(node, key: str, value, prefix: str = '') -> List[str]:
+    """Dotted paths of the entries ``key=value`` in a config's dicts."""
+    paths = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key and v == value:
+                paths.append(f'{prefix}{k}')
+            else:
+                paths += _config_paths(v, key, value, f'{prefix}{k}.')
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            paths += _config_paths(v, key, value, f'{prefix}{i}.')
+    return paths
+
+
+def check_group_size(cfg: Config, model: nn.Module, world_size: int) -> None:
+    """Check that every MMSyncBN ``group_size`` divides the world size.
+
+    MMSyncBN synchronizes groups of ``group_size`` consecutive ranks; a size
+    that does not divide the world would fail on every rank after start.
+    """
+    sizes = {
+        m.subgroup_size
+        for m in model.modules()
+        if isinstance(m, SyncBatchNorm) and m.subgroup_size
+    }
+    sync_bn = cfg.get('sync_bn')
+    if isinstance(sync_bn, dict) and sync_bn.get('group_size'):
+        sizes.add(sync_bn['group_size'])
+    for size in sorted(sizes):
+        if world_size % size:
+            where = ', '.join(_config_paths(cfg.to_dict(), 'group_size', size))
+            divisors = [
+                d for d in range(1, world_size + 1) if world_size % d == 0
+            ]
+            raise UsageError(
+                f'{where or "group_size"}={size} must divide the world size '
+                f'{world_size} (MMSyncBN synchronizes groups of group_size '
+                f'consecutive ranks): use one of {divisors}, or a multiple '
+                f'of {size} processes')
+
+
+def check_checkpoints(cfg: Config, trust: bool) -> str:
+    """Choose and check the checkpoint to resume from or to load.
+
+    Auto-resume (``--resume`` without a value, and every restart by
+    torchrun) takes the newest checkpoint inside the work dir that loads;
+    an explicit one, or ``load_from``, must load. Loading maps the tensors
+    without reading them, so the check is cheap.
+
+    Returns:
+        str: What will be resumed, for the log; '' when nothing is.
+    """
+    restarted = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) > 0
+    if restarted and checkpoint_candidates(cfg.work_dir):
+        cfg.resume, cfg.load_from = True, None
+    if cfg.get('resume') and cfg.get('load_from') is None:
+        try:
+            path, skipped = find_resume_checkpoint(cfg.work_dir, trust)
+        except CheckpointError as e:
+            raise UsageError(f'--resume: {e}')
+        if path is None:
+            cfg.resume = False
+            return (f'no checkpoint in {cfg.work_dir} to resume from: '
+                    'training starts afresh')
+        cfg.load_from = path
+        if skipped:
+            return (f'resuming from {path}, the newest checkpoint that '
+                    f'loads; passed over: {"; ".join(skipped)}')
+        return f'resuming from {path}'
+    load_from = cfg.get('load_from')
+    if load_from and '://' not in load_from:
+        setting = '--resume' if cfg.get('resume') else 'load_from'
+        try:
+            load_checkpoint_file(load_from, trust, check_only=True)
+        except CheckpointError as e:
+            raise UsageError(f'{setting}: {e}')
+    return ''
+
+
+def atomic_checkpoints(cfg: Config) -> None:
+    """Write checkpoints atomically (see ``AtomicLocalBackend``) where the
+    checkpoint hook writes local files with mmengine's default backend."""
+    hook = cfg.get('default_hooks', {}).get('checkpoint')
+    if (hook and hook.get('type')
+            in ('CheckpointHook', 'mmengine.CheckpointHook')
+            and hook.get('backend_args') is None
+            and hook.get('file_client_args') is None
+            and '://' not in str(hook.get('out_dir') or '')):
+        hook.backend_args = dict(backend=ATOMIC_BACKEND)
+
+
+def die_with_parent() -> None:
+    """End this worker when its launcher dies, ``kill -9`` included.
+
+    torchrun stops its workers when it is stopped; killed, it cannot, and
+    they would train on as orphans. Linux's parent-death signal does it.
+    """
+    if not sys.platform.startswith('linux'):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the launcher died before prctl
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def log_failure(runner: Runner, error: BaseException) -> None:
+    """Append this rank's error and traceback to the run's log file.
+
+    Every rank writes (not only rank 0, whose logger owns the file), so the
+    log says which rank failed and why, not only where it stops.
+    """
+    stamp = time.strftime('%Y/%m/%d %H:%M:%S')
+    trace = ''.join(
+        traceback.format_exception(type(error), error, error.__traceback__))
+    with open(
+            osp.join(runner.log_dir, f'{runner.timestamp}.log'),
+            'a',
+            encoding='utf-8') as f:
+        f.write(f'{stamp} - mmengine - ERROR - rank {runner.rank} failed: '
+                f'{type(error).__name__}: {_one_line(error)}\n{trace}')
+
+
 def init_distributed(cfg: Config, env: dict) -> str:
     """Join the process group: NCCL with CUDA, else gloo (also on CPU).
 
@@ -283,7 +525,8 @@ def draw_curves(runner: Runner) -> None:
         runner.logger.info(f'loss and accuracy curves: {out}')
 
 
-def train(cfg: Config, backend: Optional[str], plan: str) -> None:
+def train(cfg: Config, backend: Optional[str], plan: str, resume_note: str,
+          trust: bool) -> None:
     """Build the runner, train, and draw the curves on rank 0."""
     # MMSyncRunner: gloo and a CPU-capable DDP wrapper for any config.
     runner = (
@@ -292,16 +535,27 @@ def train(cfg: Config, backend: Optional[str], plan: str) -> None:
     if backend:
         runner.logger.info(f'process group: {backend}, {runner.world_size} '
                            f'ranks; train set {plan}')
-    # --resume and load_from read mmengine checkpoints with torch.load.
-    with torch.serialization.safe_globals(checkpoint_safe_globals()):
-        runner.train()
+    if resume_note:
+        log = runner.logger.warning if 'passed over' in resume_note else (
+            runner.logger.info)
+        log(resume_note)
+    try:
+        # --resume and load_from read mmengine checkpoints with torch.load.
+        with checkpoint_loading(trust):
+            runner.train()
+    except Exception as e:
+        log_failure(runner, e)
+        raise
     if runner.rank == 0:
         draw_curves(runner)
 
 
+@record
 def main():
     """Check the input, join the process group, train, draw the curves."""
     args = parse_args()
+    if args.launcher == 'pytorch' and args.dry_run is None:
+        die_with_parent()
     try:
         cfg = load_config(args)
         env = launch_env(args.launcher) if args.dry_run is None else {}
@@ -311,17 +565,37 @@ def main():
         if world_size < 1:
             raise UsageError(f'--dry-run: WORLD_SIZE must be at least 1, '
                              f'got {world_size}')
-        norms = check_model(cfg, args.config)
-        plan = check_split(cfg, world_size)
+        check_work_dir(cfg.work_dir)
+        model, norms = check_model(cfg, args.config)
+        check_group_size(cfg, model, world_size)
+        datasets = {
+            name: build_dataset(cfg, name)
+            for name in used_loaders(cfg)
+        }
+        plan = check_split(cfg, world_size, datasets['train_dataloader'])
+        for name, dataset in datasets.items():
+            check_data(cfg, name, dataset, model)
+        resume_note = check_checkpoints(cfg, args.trust_checkpoint)
     except UsageError as e:
         print(f'{osp.basename(__file__)}: error: {e}', file=sys.stderr)
         sys.exit(2)
     if args.dry_run is not None:
         print(f'{args.config}: norm layers {", ".join(norms) or "none"}; '
-              f'train set {plan}; work dir {cfg.work_dir}')
+              f'train set {plan}; work dir {cfg.work_dir}'
+              f'{"; " + resume_note if resume_note else ""}')
         return
-    backend = init_distributed(cfg, env) if env else None
-    train(cfg, backend, plan)
+    del model, datasets
+    atomic_checkpoints(cfg)
+    rank = env.get('RANK', '0')
+    try:
+        backend = init_distributed(cfg, env) if env else None
+        train(cfg, backend, plan, resume_note, args.trust_checkpoint)
+    except KeyboardInterrupt:
+        # One line per process instead of a traceback from every rank.
+        print(
+            f'{osp.basename(__file__)}: interrupted (rank {rank})',
+            file=sys.stderr)
+        sys.exit(130)
     if backend:
         # The DDP wrapper (gone with the runner) holds the process group; a
         # group still alive when the interpreter exits aborts the process

@@ -70,6 +70,15 @@ class DigitsDataset(Dataset):
             raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
         data_file = data_file or DIGITS_FILE
         with np.load(data_file) as data:
+            missing = [
+                key for key in ('images', 'labels', f'{split}_idx')
+                if key not in data.files
+            ]
+            if missing:
+                raise KeyError(f'data_file {data_file!r} has no '
+                               f'{", ".join(missing)} array(s): a digits '
+                               'file holds images, labels, train_idx and '
+                               'val_idx')
             order = data[f'{split}_idx'].astype(np.int64)
             if isinstance(indices, int):
                 if not 0 < indices <= len(order):

@@ -1,15 +1,35 @@
-"""Load mmengine checkpoints under torch's ``weights_only`` default.
+"""Read and write mmengine checkpoints safely.
 
-Since torch 2.6 ``torch.load`` unpickles only tensors and allow-listed
-globals; a checkpoint written by mmengine's Runner also holds its log history
-(``HistoryBuffer`` objects with numpy arrays and bound statistics methods).
+Reading: since torch 2.6 ``torch.load`` unpickles only tensors, containers
+and allow-listed globals. A checkpoint of mmengine's Runner also holds its
+log history: ``HistoryBuffer`` objects with numpy arrays, whose statistics
+methods are pickled as ``getattr(HistoryBuffer, 'mean')``. Allow-listing
+``getattr`` itself would let a crafted file reach any attribute of any
+object (``getattr(getattr(getattr, '__self__'), '__import__')``), so
+``builtins.getattr`` is mapped to :func:`history_buffer_method`, which hands
+out those four methods and nothing else. A checkpoint that needs more is
+refused, naming the global it asked for; ``trust=True`` (``--trust-checkpoint``
+of the tools) loads it with full unpickling.
+
+Writing: :class:`AtomicLocalBackend` puts a file under its final name only
+once it is complete, so a full disk or a killed job never leaves a truncated
+checkpoint that looks like a good one.
+
+Resuming: :func:`find_resume_checkpoint` looks only inside the work dir and
+takes the newest checkpoint that loads.
 """
-from typing import List, Optional, Union
+import contextlib
+import os
+import os.path as osp
+import pickle
+import re
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 from mmengine.config import Config
+from mmengine.fileio import LocalBackend, register_backend
 from mmengine.logging import HistoryBuffer
 from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
@@ -17,16 +37,49 @@ from mmengine.runner import load_checkpoint
 from ..cnn import revert_sync_batchnorm
 from ..registry import MODELS
 
+HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
+TRUST_HINT = ('if you trust where it comes from, pass --trust-checkpoint to '
+              'load it with full unpickling (which can run any code)')
+# Read by torch.load when its caller (mmengine) does not pass weights_only.
+NO_WEIGHTS_ONLY = 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'
+ATOMIC_BACKEND = 'atomic_local'
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded: its path and why, in one line."""
+
+
+def history_buffer_method(owner: Any, name: str) -> Any:
+    """``getattr`` narrowed to what mmengine's checkpoints use it for.
+
+    Stands in for ``builtins.getattr`` while unpickling: a ``HistoryBuffer``
+    pickles its statistics methods as ``getattr(HistoryBuffer, name)``.
+
+    Raises:
+        pickle.UnpicklingError: For any other object or attribute.
+    """
+    if owner is HistoryBuffer and name in HISTORY_BUFFER_METHODS:
+        return getattr(HistoryBuffer, name)
+    owner_name = ('getattr' if owner is history_buffer_method else getattr(
+        owner, '__qualname__',
+        type(owner).__qualname__))
+    raise pickle.UnpicklingError(
+        f'Unsupported global: GLOBAL builtins.getattr({owner_name}, '
+        f'{name!r}) (only HistoryBuffer\'s {", ".join(HISTORY_BUFFER_METHODS)}'
+        ' are allowed)')
+
 
 def checkpoint_safe_globals() -> List:
     """What mmengine's checkpoints pickle besides tensors and containers.
 
-    ``getattr`` rebuilds the bound methods of ``HistoryBuffer``; torch's
-    weights-only unpickler still calls nothing that is not in this list.
+    Returns:
+        list: Entries for ``torch.serialization.safe_globals``: classes and
+        numpy's reconstructors, which run no code of the file's choosing,
+        and ``builtins.getattr`` mapped to :func:`history_buffer_method`.
     """
     return [
         HistoryBuffer,
-        getattr,
+        (history_buffer_method, 'builtins.getattr'),
         np.ndarray,
         np.dtype,
         np.ndarray(0).__reduce__()[0],  # numpy's _reconstruct
@@ -37,9 +90,181 @@ def checkpoint_safe_globals() -> List:
     ]
 
 
+@contextlib.contextmanager
+def checkpoint_loading(trust: bool = False) -> Iterator[None]:
+    """Make every ``torch.load`` inside (mmengine's too) load checkpoints
+    safely, or with full unpickling when ``trust`` is set."""
+    if not trust:
+        with torch.serialization.safe_globals(checkpoint_safe_globals()):
+            yield
+        return
+    before = os.environ.get(NO_WEIGHTS_ONLY)
+    os.environ[NO_WEIGHTS_ONLY] = '1'
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(NO_WEIGHTS_ONLY, None)
+        else:
+            os.environ[NO_WEIGHTS_ONLY] = before
+
+
+def _one_line(text: str) -> str:
+    return ' '.join(text.split())
+
+
+def load_checkpoint_file(path: str,
+                         trust: bool = False,
+                         check_only: bool = False) -> Any:
+    """Load a checkpoint on CPU, or say in one line why it cannot be.
+
+    Args:
+        path (str): The checkpoint file.
+        trust (bool): Load with full unpickling. Default: False.
+        check_only (bool): Map the tensors' storage instead of reading it
+            (zip checkpoints), for a cheap check that the file is complete
+            and asks for nothing unsafe. Default: False.
+
+    Returns:
+        The unpickled object (usually a dict).
+
+    Raises:
+        CheckpointError: The path and the reason: missing, empty, truncated
+            or not a torch file, or refused for the global it asks for.
+    """
+    if not osp.isfile(path):
+        raise CheckpointError(f'checkpoint {path!r} not found')
+    size = osp.getsize(path)
+    if size == 0:
+        raise CheckpointError(
+            f'checkpoint {path!r} is empty (0 bytes), as a run that stopped '
+            'while writing it leaves it')
+    with open(path, 'rb') as f:
+        is_zip = f.read(2) == b'PK'
+    try:
+        with contextlib.nullcontext() if trust else checkpoint_loading():
+            return torch.load(
+                path,
+                map_location='cpu',
+                weights_only=not trust,
+                mmap=check_only and is_zip)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'WeightsUnpickler error:(.*?)(Check the doc|$)',
+                          str(e), re.DOTALL)
+        reason = _one_line(found.group(1) if found else str(e))
+        asked = re.search(r'GLOBAL (\S+?(\(.*?\))?)(\s|$)', reason)
+        if asked:
+            reason = (f'it asks for the global {asked.group(1)}, which '
+                      'checkpoints of mmsync and mmengine do not need')
+        raise CheckpointError(
+            f'checkpoint {path!r} refused: {reason}; {TRUST_HINT}') from None
+    except Exception as e:
+        # The first sentence: torch adds a paragraph of guesses to it.
+        detail = _one_line(str(e)).split('. ')[0] or 'no detail'
+        raise CheckpointError(
+            f'checkpoint {path!r} ({size} bytes) cannot be read: '
+            f'{type(e).__name__}: {detail}; a run that stopped while writing '
+            'it, or a full disk, leaves such a file') from None
+
+
+def checkpoint_candidates(work_dir: str) -> List[str]:
+    """The ``.pth`` files directly in ``work_dir``, newest first.
+
+    Newest: the largest number in the name (``epoch_15.pth`` before
+    ``epoch_10.pth``), then the latest modification time. mmengine's
+    ``last_checkpoint`` file is not followed: it holds an absolute path,
+    which in a copied work dir leads into the original one.
+    """
+    if not osp.isdir(work_dir):
+        return []
+    paths = [
+        osp.join(work_dir, name) for name in os.listdir(work_dir)
+        if name.endswith('.pth') and osp.isfile(osp.join(work_dir, name))
+    ]
+
+    def newness(path: str) -> Tuple[int, float]:
+        numbers = re.findall(r'\d+', osp.basename(path))
+        return (int(numbers[-1]) if numbers else -1, osp.getmtime(path))
+
+    return sorted(paths, key=newness, reverse=True)
+
+
+def find_resume_checkpoint(work_dir: str,
+                           trust: bool = False
+                           ) -> Tuple[Optional[str], List[str]]:
+    """The newest checkpoint of ``work_dir`` that loads, for auto-resume.
+
+    Args:
+        work_dir (str): The run's work dir; nothing outside it is read.
+        trust (bool): Load with full unpickling. Default: False.
+
+    Returns:
+        tuple[str | None, list[str]]: The checkpoint (None when the work
+        dir has none) and the reasons why newer ones were passed over.
+
+    Raises:
+        CheckpointError: When the work dir has checkpoints and none loads.
+    """
+    skipped = []
+    for path in checkpoint_candidates(work_dir):
+        try:
+            checkpoint = load_checkpoint_file(path, trust, check_only=True)
+        except CheckpointError as e:
+            skipped.append(str(e))
+            continue
+        if isinstance(checkpoint, dict) and 'meta' in checkpoint:
+            return path, skipped
+        skipped.append(f'checkpoint {path!r} has no run state to resume '
+                       "(no 'meta' entry)")
+    if skipped:
+        raise CheckpointError(
+            f'no checkpoint of {work_dir} can be resumed: '
+            f'{"; ".join(skipped)}. Pass another with --resume CKPT, or '
+            'remove them to start afresh')
+    return None, skipped
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's local file backend, with ``put`` made atomic.
+
+    The bytes go to a hidden temporary file in the same directory, are
+    flushed to disk, and only then renamed to the final name; a failed write
+    (a full disk) removes the temporary file and raises. Selected for
+    checkpoints by ``backend_args=dict(backend='atomic_local')``.
+    """
+
+    def put(self, obj: bytes, filepath: Union[str, os.PathLike]) -> None:
+        """Write ``obj`` to ``filepath`` completely or not at all."""
+        filepath = os.fspath(filepath)
+        directory = osp.dirname(osp.abspath(filepath))
+        os.makedirs(directory, exist_ok=True)
+        tmp = osp.join(directory,
+                       f'.{osp.basename(filepath)}.{os.getpid()}.tmp')
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            with os.fdopen(fd, 'wb') as f:
+                f.write(obj)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, filepath)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
+
+
 def init_model(config: Union[str, Config],
                checkpoint: str,
-               cfg_options: Optional[dict] = None) -> nn.Module:
+               cfg_options: Optional[dict] = None,
+               trust: bool = False) -> nn.Module:
     """Build ``config``'s model on CPU, as plain BN, with trained weights.
 
     MMSyncBN layers are reverted to BatchNorm, so the model runs in one
@@ -50,15 +275,22 @@ def init_model(config: Union[str, Config],
         checkpoint (str): A checkpoint of tools/train.py (or a state_dict).
         cfg_options (dict, optional): Overrides merged into the config.
             Default: None.
+        trust (bool): Load the checkpoint with full unpickling.
+            Default: False.
 
     Returns:
         nn.Module: The model in eval mode.
+
+    Raises:
+        CheckpointError: The checkpoint cannot be loaded (see
+            :func:`load_checkpoint_file`).
     """
     cfg = Config.fromfile(config) if isinstance(config, str) else config
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmsync'))
     model = revert_sync_batchnorm(MODELS.build(cfg.model))
-    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+    load_checkpoint_file(checkpoint, trust, check_only=True)
+    with checkpoint_loading(trust):
         load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
     return model.eval()

@@ -111,6 +111,7 @@ class ResNetClassifier(BaseModel):
                              f'same length, got {widths} and {blocks}')
         if dtype not in DTYPES:
             raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
+        self.num_classes = num_classes
         self.stem = conv3x3(in_channels, widths[0])
         self.norm_name, norm = build_norm_layer(norm_cfg, widths[0])
         self.add_module(self.norm_name, norm)

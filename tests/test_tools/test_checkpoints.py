@@ -1,0 +1,142 @@
+"""Checkpoints from elsewhere cannot run code; checkpoints of mmsync load.
+
+Crafted files (the ``getattr`` chain that reaches ``__import__``, a call of
+``os.system``) are refused by ``load_checkpoint_file`` and, before anything
+starts, by tools/train.py (``--resume``, ``load_from``) and tools/test.py,
+with one line naming the global asked for and ``--trust-checkpoint``. The
+checkpoints that mmsync's training writes, and mmengine Runner checkpoints in
+general, load without it, their log history intact.
+"""
+import os
+import pathlib
+
+import pytest
+import torch
+from mmengine.logging import HistoryBuffer
+from test_bad_input import check_one_line_error
+from tools_launch import SYNC_CONFIG, accuracies, python, run
+
+from mmsync.models.checkpoint import (CheckpointError, checkpoint_loading,
+                                      load_checkpoint_file)
+
+
+class _Reduce:
+    """Pickles as ``func(*args)``: what a crafted checkpoint asks for."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def getattr_chain():
+    """``getattr(getattr(getattr, '__self__'), '__import__')``."""
+    return _Reduce(getattr, _Reduce(getattr, getattr, '__self__'),
+                   '__import__')
+
+
+def write_crafted(tmp_path, name, payload):
+    path = tmp_path / name
+    torch.save(dict(state_dict={}, meta=dict(epoch=1), payload=payload), path)
+    return str(path)
+
+
+@pytest.fixture
+def marker(tmp_path):
+    """A file that the crafted ``os.system`` call would create."""
+    return tmp_path / 'code_ran'
+
+
+def crafted_files(tmp_path, marker):
+    return {
+        'getattr chain':
+        (write_crafted(tmp_path, 'getattr.pth', getattr_chain()),
+         "builtins.getattr(getattr, '__self__')"),
+        'os.system': (write_crafted(
+            tmp_path, 'system.pth',
+            _Reduce(os.system, f'touch {marker}')), 'posix.system'),
+    }
+
+
+@pytest.mark.parametrize('kind', ['getattr chain', 'os.system'])
+def test_crafted_checkpoint_is_refused(tmp_path, marker, kind):
+    path, asked = crafted_files(tmp_path, marker)[kind]
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(path)
+    message = str(info.value)
+    assert f'asks for the global {asked}' in message
+    assert '--trust-checkpoint' in message and path in message
+    assert len(message.splitlines()) == 1
+    # mmengine's own loading (resume, load_from) runs under the same rules.
+    with checkpoint_loading(), pytest.raises(Exception, match='getattr|posix'):
+        torch.load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('kind', ['getattr chain', 'os.system'])
+@pytest.mark.parametrize('setting', ['--resume', 'load_from'])
+def test_train_refuses_crafted_checkpoint(tmp_path, marker, kind, setting):
+    """One line before any process starts; nothing written, no code run."""
+    path, asked = crafted_files(tmp_path, marker)[kind]
+    work_dir = tmp_path / 'work'
+    option = (['--resume', path] if setting == '--resume' else
+              ['--cfg-options', f'load_from={path}'])
+    check_one_line_error(
+        ['bash', 'tools/dist_train.sh', SYNC_CONFIG, '2', '--work-dir',
+         str(work_dir), *option], work_dir, f'{setting}: checkpoint',
+        f'asks for the global {asked}', '--trust-checkpoint')
+    assert not marker.exists()
+
+
+def test_test_py_refuses_crafted_checkpoint(tmp_path, marker):
+    path, _ = crafted_files(tmp_path, marker)['getattr chain']
+    check_one_line_error(
+        python('test.py', SYNC_CONFIG, path), tmp_path / 'work',
+        'refused', "builtins.getattr(getattr, '__self__')",
+        '--trust-checkpoint')
+
+
+def test_trust_checkpoint_loads_what_is_refused(runs, tmp_path):
+    """A checkpoint with a global outside the allow-list (a path object in
+    its meta) is refused by default and loads with --trust-checkpoint."""
+    checkpoint = torch.load(
+        os.path.join(runs.sync_2proc(), 'epoch_2.pth'),
+        map_location='cpu',
+        weights_only=False)
+    checkpoint['meta']['data_root'] = pathlib.PurePosixPath('/data/digits')
+    path = str(tmp_path / 'with_path.pth')
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match='pathlib.PurePosixPath'):
+        load_checkpoint_file(path)
+    loaded = load_checkpoint_file(path, trust=True)
+    assert loaded['meta']['data_root'] == checkpoint['meta']['data_root']
+    result = run(
+        python('test.py', SYNC_CONFIG, path, '--trust-checkpoint'),
+        timeout=120)
+    top1 = accuracies(runs.sync_2proc())[-1]
+    assert f'accuracy/top1: {top1:.4f}' in result.stdout
+
+
+def test_mmsync_checkpoint_loads_with_its_log_history(runs):
+    """mmengine pickles HistoryBuffer's statistics methods as getattr calls;
+    they load through the narrow stand-in, and the history is intact."""
+    loaded = load_checkpoint_file(
+        os.path.join(runs.sync_2proc(), 'epoch_2.pth'))
+    full = torch.load(
+        os.path.join(runs.sync_2proc(), 'epoch_2.pth'),
+        map_location='cpu',
+        weights_only=False)
+    scalars = loaded['message_hub']['log_scalars']
+    assert scalars and all(
+        isinstance(buffer, HistoryBuffer) for buffer in scalars.values())
+    for key, buffer in scalars.items():
+        want = full['message_hub']['log_scalars'][key]
+        for got, expected in zip(buffer.data, want.data):
+            assert (got == expected).all(), key
+        assert buffer.statistics('mean') == want.statistics('mean')
+    assert set(HistoryBuffer._statistics_methods) >= {
+        'min', 'max', 'current', 'mean'
+    }
+    for key, value in full['state_dict'].items():
+        assert torch.equal(loaded['state_dict'][key], value), key
