@@ -1,11 +1,16 @@
 """Bad input ends in one line on stderr that says what to do, exit status 2,
 no traceback, and nothing written to the work dir (checked before any
-process group, logger or work dir exists)."""
+process group, logger or work dir exists): the config, the launch, the work
+dir, the model's sub-groups, every data split it uses and the checkpoint to
+resume."""
 import os
 
+import numpy as np
 import pytest
 import torch
 from tools_launch import SYNC_CONFIG, base_env, python, run
+
+from mmsync.datasets.digits import DIGITS_FILE
 
 TORCHRUN_VARS = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR',
                  'MASTER_PORT')
@@ -114,3 +119,118 @@ def test_test_py_missing_checkpoint(tmp_path):
     check_one_line_error(
         python('test.py', SYNC_CONFIG, str(tmp_path / 'nope.pth')), work_dir,
         'checkpoint file', 'not found')
+
+
+def digits_file(path, drop=(), **change):
+    """A copy of the shipped digits .npz without ``drop``, with ``change``."""
+    with np.load(DIGITS_FILE) as data:
+        arrays = {k: data[k] for k in data.files if k not in drop}
+    for key, fn in change.items():
+        arrays[key] = fn(arrays[key])
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def with_label(split, value):
+    """Labels with ``value`` for the first sample of ``split``."""
+
+    def change(labels):
+        labels = labels.copy()
+        labels[np.load(DIGITS_FILE)[f'{split}_idx'][0]] = value
+        return labels
+
+    return change
+
+
+@pytest.mark.parametrize('case', [
+    'group_size', 'val file missing', 'val split missing', 'image shape',
+    'label range', 'val label range'
+])
+def test_preflight_of_config_and_data(tmp_path, case):
+    """Each caught by dist_train.sh's pre-flight, before torchrun starts."""
+    data = tmp_path / 'digits.npz'
+    option = {
+        'group_size':
+        lambda: 'model.norm_cfg.group_size=3',
+        'val file missing':
+        lambda: f'val_dataloader.dataset.data_file={data}',
+        'val split missing':
+        lambda: 'val_dataloader.dataset.data_file=' + digits_file(
+            data, drop=('val_idx', )),
+        'image shape':
+        lambda: 'train_dataloader.dataset.data_file=' + digits_file(
+            data, images=lambda x: np.repeat(x[..., None], 3, -1)),
+        'label range':
+        lambda: 'train_dataloader.dataset.data_file=' + digits_file(
+            data, labels=with_label('train', 12)),
+        'val label range':
+        lambda: 'val_dataloader.dataset.data_file=' + digits_file(
+            data, labels=with_label('val', 10)),
+    }[case]()
+    expected = {
+        'group_size': ('model.norm_cfg.group_size=3 must divide the world '
+                       'size 2', 'use one of [1, 2]'),
+        'val file missing':
+        ('cannot build val_dataloader.dataset', 'No such file'),
+        'val split missing':
+        ('cannot build val_dataloader.dataset', 'has no val_idx array'),
+        'image shape': ('train_dataloader: its first batch does not go '
+                        'through the model', '[32, 1, 8, 8, 3]'),
+        'label range': ('train_dataloader.dataset: labels must be in 0..9',
+                        "model's 10 classes", 'got 12 for sample 0'),
+        'val label range': ('val_dataloader.dataset: labels must be in 0..9',
+                            'got 10 for sample 0'),
+    }[case]
+    work_dir = tmp_path / 'work'
+    check_one_line_error(
+        dist_train(SYNC_CONFIG, '2', '--work-dir', str(work_dir),
+                   '--cfg-options', option), work_dir, *expected)
+
+
+def test_work_dir_under_a_file(tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    work_dir = tmp_path / 'a_file' / 'work'
+    result = run(
+        dist_train(SYNC_CONFIG, '2', '--work-dir', str(work_dir)),
+        timeout=120,
+        check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"train.py: error: work dir '{work_dir}' cannot be made: "
+        f"'{tmp_path / 'a_file'}' is a file, not a folder; pass another "
+        '--work-dir')
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason='root writes into read-only folders')
+def test_read_only_work_dir(tmp_path):
+    work_dir = tmp_path / 'work'
+    work_dir.mkdir()
+    work_dir.chmod(0o555)
+    try:
+        result = run(
+            dist_train(SYNC_CONFIG, '2', '--work-dir', str(work_dir)),
+            timeout=120,
+            check=False)
+    finally:
+        work_dir.chmod(0o755)
+    assert result.returncode == 2
+    assert 'is not writable' in result.stderr
+    assert os.listdir(work_dir) == []
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'empty'])
+def test_resume_from_unreadable_checkpoint(tmp_path, damage):
+    """A named checkpoint that cannot be loaded: its path and why."""
+    checkpoint = tmp_path / 'epoch_3.pth'
+    torch.save(dict(state_dict=dict(w=torch.zeros(1000))), checkpoint)
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[:len(data) //
+                                2] if damage == 'truncated' else b'')
+    work_dir = tmp_path / 'work'
+    why = ('failed finding central directory'
+           if damage == 'truncated' else 'is empty (0 bytes)')
+    check_one_line_error(
+        dist_train(SYNC_CONFIG, '2', '--work-dir', str(work_dir), '--resume',
+                   str(checkpoint)), work_dir,
+        f"--resume: checkpoint '{checkpoint}'", why)

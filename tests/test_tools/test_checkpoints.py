@@ -50,12 +50,12 @@ def marker(tmp_path):
 
 def crafted_files(tmp_path, marker):
     return {
-        'getattr chain':
-        (write_crafted(tmp_path, 'getattr.pth', getattr_chain()),
-         "builtins.getattr(getattr, '__self__')"),
-        'os.system': (write_crafted(
-            tmp_path, 'system.pth',
-            _Reduce(os.system, f'touch {marker}')), 'posix.system'),
+        'getattr chain': (write_crafted(tmp_path, 'getattr.pth',
+                                        getattr_chain()),
+                          "builtins.getattr(getattr, '__self__')"),
+        'os.system':
+        (write_crafted(tmp_path, 'system.pth',
+                       _Reduce(os.system, f'touch {marker}')), 'posix.system'),
     }
 
 
@@ -82,19 +82,19 @@ def test_train_refuses_crafted_checkpoint(tmp_path, marker, kind, setting):
     work_dir = tmp_path / 'work'
     option = (['--resume', path] if setting == '--resume' else
               ['--cfg-options', f'load_from={path}'])
-    check_one_line_error(
-        ['bash', 'tools/dist_train.sh', SYNC_CONFIG, '2', '--work-dir',
-         str(work_dir), *option], work_dir, f'{setting}: checkpoint',
-        f'asks for the global {asked}', '--trust-checkpoint')
+    check_one_line_error([
+        'bash', 'tools/dist_train.sh', SYNC_CONFIG, '2', '--work-dir',
+        str(work_dir), *option
+    ], work_dir, f'{setting}: checkpoint', f'asks for the global {asked}',
+                         '--trust-checkpoint')
     assert not marker.exists()
 
 
 def test_test_py_refuses_crafted_checkpoint(tmp_path, marker):
     path, _ = crafted_files(tmp_path, marker)['getattr chain']
     check_one_line_error(
-        python('test.py', SYNC_CONFIG, path), tmp_path / 'work',
-        'refused', "builtins.getattr(getattr, '__self__')",
-        '--trust-checkpoint')
+        python('test.py', SYNC_CONFIG, path), tmp_path / 'work', 'refused',
+        "builtins.getattr(getattr, '__self__')", '--trust-checkpoint')
 
 
 def test_trust_checkpoint_loads_what_is_refused(runs, tmp_path):
