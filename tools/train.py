@@ -15,11 +15,9 @@ torchrun restarts it (``--max-restarts``), resumes from the newest checkpoint
 of the work dir that loads.
 """
 import argparse
-import ctypes
 import gc
 import os
 import os.path as osp
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +43,7 @@ from mmsync.models.checkpoint import (ATOMIC_BACKEND, CheckpointError,
                                       find_resume_checkpoint,
                                       load_checkpoint_file)
 from mmsync.ops import SyncBatchNorm
+from mmsync.utils.process import die_with_parent
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 TORCHRUN_VARS = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR',
@@ -53,6 +52,10 @@ SLURM_VARS = ('SLURM_PROCID', 'SLURM_LOCALID', 'SLURM_NTASKS',
               'SLURM_NODELIST')
 MPI_VARS = ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_LOCAL_RANK',
             'OMPI_COMM_WORLD_SIZE', 'MASTER_ADDR')
+# Errors of a rank whose peer died first (gloo's words), and how long such a
+# rank waits before it reports.
+PEER_GONE = ('Connection closed by peer', 'Connection reset by peer')
+PEER_GONE_DELAY = 3
 
 
 class UsageError(Exception):
@@ -473,21 +476,6 @@ def atomic_checkpoints(cfg: Config) -> None:
         hook.backend_args = dict(backend=ATOMIC_BACKEND)
 
 
-def die_with_parent() -> None:
-    """End this worker when its launcher dies, ``kill -9`` included.
-
-    torchrun stops its workers when it is stopped; killed, it cannot, and
-    they would train on as orphans. Linux's parent-death signal does it.
-    """
-    if not sys.platform.startswith('linux'):
-        return
-    parent = os.getppid()
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-    if os.getppid() != parent:  # the launcher died before prctl
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def log_failure(runner: Runner, error: BaseException) -> None:
     """Append this rank's error and traceback to the run's log file.
 
@@ -545,6 +533,10 @@ def train(cfg: Config, backend: Optional[str], plan: str, resume_note: str,
             runner.train()
     except Exception as e:
         log_failure(runner, e)
+        if any(text in str(e) for text in PEER_GONE):
+            # torchrun names the earliest error (to the second) as the root
+            # cause: let the rank that failed first be the earliest.
+            time.sleep(PEER_GONE_DELAY)
         raise
     if runner.rank == 0:
         draw_curves(runner)
@@ -555,6 +547,7 @@ def main():
     """Check the input, join the process group, train, draw the curves."""
     args = parse_args()
     if args.launcher == 'pytorch' and args.dry_run is None:
+        # Killed, torchrun cannot stop its workers: they stop themselves.
         die_with_parent()
     try:
         cfg = load_config(args)
@@ -591,7 +584,8 @@ def main():
         backend = init_distributed(cfg, env) if env else None
         train(cfg, backend, plan, resume_note, args.trust_checkpoint)
     except KeyboardInterrupt:
-        # One line per process instead of a traceback from every rank.
+        # One line per process instead of a traceback from every rank
+        # (tools/dist_train.sh stops its workers with SIGTERM instead).
         print(
             f'{osp.basename(__file__)}: interrupted (rank {rank})',
             file=sys.stderr)
