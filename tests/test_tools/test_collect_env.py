@@ -1,0 +1,51 @@
+"""The environment report: every field, and its rule for the CPU kernels."""
+import os
+import re
+import sys
+
+import pytest
+import torch
+from tools_launch import run
+
+from mmsync.utils.collect_env import cpu_variant, cuda_archs
+
+BOTH = b'..isa_avx512..isa_avx2..'
+AVX512_FLAGS = {'avx512f', 'avx512bw', 'avx512vl', 'avx512dq', 'avx2', 'fma'}
+
+
+def test_report_names_every_field():
+    result = run([sys.executable, '-m', 'mmsync.utils.collect_env'],
+                 timeout=120)
+    fields = dict(
+        line.split(': ', 1) for line in result.stdout.strip().splitlines())
+    assert fields['PyTorch'] == torch.__version__
+    for name in ('Python', 'CPU', 'C++ compiler', 'mmengine', 'mmsync',
+                 'mmsync._ext', 'CPU kernels', 'CUDA archs in _ext'):
+        assert fields[name], name
+    assert re.fullmatch(r'(avx512|avx2|default)( \(.*\))?',
+                        fields['CPU kernels'])
+    capped = run([sys.executable, '-m', 'mmsync.utils.collect_env'],
+                 timeout=120,
+                 env=dict(os.environ, MMSYNC_CPU_CAPABILITY='default')).stdout
+    assert 'CPU kernels: default (MMSYNC_CPU_CAPABILITY=default)' in capped
+
+
+@pytest.mark.parametrize('ext,flags,cap,expected', [
+    (BOTH, AVX512_FLAGS, None, 'avx512'),
+    (BOTH, AVX512_FLAGS, 'avx2', 'avx2'),
+    (BOTH, AVX512_FLAGS, 'default', 'default'),
+    (BOTH, {'avx2', 'fma'}, None, 'avx2'),
+    (BOTH, {'avx2'}, None, 'default'),
+    (b'..isa_avx2..', AVX512_FLAGS, None, 'avx2'),
+    (b'', AVX512_FLAGS, 'avx512', 'default'),
+])
+def test_cpu_variant_rule(ext, flags, cap, expected):
+    """The extension's order: AVX-512 where built, allowed and supported,
+    then AVX2 (with FMA), then the baseline."""
+    assert cpu_variant(ext, flags, cap) == expected
+
+
+def test_cuda_archs_from_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv('PATH', str(tmp_path))  # no cuobjdump
+    assert cuda_archs('', b'\x00sm_80\x00..sm_90a..sm_80') == 'sm_80, sm_90a'
+    assert cuda_archs('', b'no cuda') == 'none (built without CUDA)'
