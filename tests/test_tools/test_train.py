@@ -59,6 +59,25 @@ def test_checkpoint_evaluates_in_one_process(runs, tmp_path):
     assert f'accuracy/top1: {top1:.4f}' in result.stdout
 
 
+@pytest.mark.parametrize('nproc', ['2', '7'])
+def test_dist_test_gives_the_metric_of_one_process(runs, tmp_path, nproc):
+    """tools/dist_test.sh (tools/test.py --launcher pytorch) splits the 360
+    test samples over the processes; at 7 the sampler pads them to 364 and
+    the evaluator drops the repeats."""
+    work_dir = runs.sync_2proc()
+    out = tmp_path / 'metrics.json'
+    run([
+        'bash', 'tools/dist_test.sh', SYNC_CONFIG,
+        osp.join(work_dir, 'epoch_2.pth'), nproc, '--out',
+        str(out)
+    ],
+        timeout=300,
+        env=device_env('cpu'))
+    assert json.loads(out.read_text()) == {
+        'accuracy/top1': accuracies(work_dir)[-1]
+    }
+
+
 def test_curves_and_logs(runs, tmp_path):
     """The log has the ETA and the process group; a PNG of the curves is
     written after training, and analyze_logs.py draws it again."""

@@ -1,11 +1,14 @@
-"""torchrun for tools/dist_train.sh: stopped by SIGTERM without a traceback.
+"""torchrun for tools/dist_train.sh and dist_test.sh (see torchrun.sh).
 
-dist_train.sh starts it in a session of its own, so that Ctrl-C reaches the
-script alone, which then sends this SIGTERM: torchrun stops its workers with
-SIGTERM (silent, also while they import) and this exits with 128 + 15
-instead of printing torchrun's traceback. It dies with dist_train.sh.
+Stopped by SIGTERM, it stops its workers with SIGTERM (silent, also while
+they import) and exits with 128 + 15 instead of printing torchrun's
+traceback; it dies with the script that started it. With ``--check-port
+PROG ADDR PORT`` it only checks that PORT is free on ADDR, or says in one
+line that it is not (exit 2).
 """
+import errno
 import signal
+import socket
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -13,7 +16,29 @@ from torch.distributed.run import main
 
 from mmsync.utils.process import die_with_parent
 
+
+def check_port(prog: str, addr: str, port: int) -> None:
+    """Exit with one line if ``port`` is taken on ``addr``."""
+    try:
+        with socket.create_server((addr, port)):
+            return
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            return  # not an address of this node: torchrun will say
+    with socket.create_server((addr, 0)) as s:
+        free = s.getsockname()[1]
+    print(
+        f'{prog}: error: PORT={port} is in use on {addr} (another job?): '
+        f'choose a free one, e.g. PORT={free}, or on one node leave PORT '
+        'unset to let torchrun pick one',
+        file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
+    if sys.argv[1:2] == ['--check-port']:
+        check_port(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        sys.exit(0)
     die_with_parent(signal.SIGTERM)
     try:
         main()
