@@ -3,6 +3,10 @@
 Environment: ``FORCE_CUDA=1`` builds the CUDA sources even where no GPU is
 visible, ``MAX_JOBS`` bounds parallel compilation (ninja), ``DEBUG=1`` builds
 without optimization and with debug symbols.
+
+Compiled objects stay in ``build/temp``, for ``pip install -e .`` as for
+``setup.py build_ext --inplace``, so a second build recompiles only what
+changed (pip's editable builds otherwise start from an empty folder).
 """
 import glob
 import os
@@ -14,6 +18,7 @@ FORCE_CUDA = os.getenv('FORCE_CUDA', '0') == '1'
 DEBUG = os.getenv('DEBUG', '0') == '1'
 
 CSRC = osp.join('mmsync', 'ops', 'csrc')
+BUILD_TEMP = osp.join(osp.dirname(osp.abspath(__file__)), 'build', 'temp')
 
 
 def get_version():
@@ -83,6 +88,14 @@ def get_extensions():
 if __name__ == '__main__':
     from torch.utils.cpp_extension import BuildExtension
 
+    class IncrementalBuildExtension(
+            BuildExtension.with_options(use_ninja=True)):
+        """torch's ninja build with its objects kept in ``BUILD_TEMP``."""
+
+        def finalize_options(self):
+            self.build_temp = self.build_temp or BUILD_TEMP
+            super().finalize_options()
+
     setup(
         name='mmsync',
         version=get_version(),
@@ -92,8 +105,9 @@ if __name__ == '__main__':
         long_description_content_type='text/markdown',
         license='Apache License 2.0',
         packages=find_packages(exclude=('configs', 'tools', 'tests')),
-        include_package_data=True,
-        package_data={'mmsync': ['datasets/*.npz', 'ops/csrc/**/*']},
+        # Only the data listed: the C++ sources (in the manifest as the
+        # extension's sources) are no package data.
+        package_data={'mmsync': ['datasets/*.npz']},
         python_requires='>=3.8',
         install_requires=parse_requirements('requirements/runtime.txt'),
         extras_require={
@@ -101,5 +115,5 @@ if __name__ == '__main__':
             'build': parse_requirements('requirements/build.txt'),
         },
         ext_modules=get_extensions(),
-        cmdclass={'build_ext': BuildExtension.with_options(use_ninja=True)},
+        cmdclass={'build_ext': IncrementalBuildExtension},
         zip_safe=False)
