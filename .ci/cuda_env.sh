@@ -29,8 +29,11 @@ PY=$VENV/bin/python
 say "venv ready: $("$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__)')"
 
 # A copy of the tracked and new files, so that this build's _ext does not
-# replace the main environment's in the checkout.
+# replace the main environment's in the checkout; a copy made before is
+# replaced but for its build/ folder, so that a rerun compiles only what
+# changed.
 mkdir -p "$TREE"
+find "$TREE" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
 git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$TREE"
 say "building mmsync._ext with CUDA kernels (sm_90)"
 # nvcc on the PATH may be a wrapper script outside the toolkit, where torch
@@ -48,5 +51,7 @@ say "built"
 (cd "$TREE" && "$PY" .ci/check_cuda_ext.py)
 say "pytest in the CUDA-torch environment"
 cd "$TREE"
+# tools/dist_train.sh runs `python` and `torchrun`: this environment's.
+export PATH=$VENV/bin:$PATH
 "$PY" -m pytest tests -q "$@"
 say "done"
