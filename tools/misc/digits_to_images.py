@@ -41,8 +41,9 @@ def write_images(out_dir: str, size: int = 16) -> dict:
             folder = osp.join(out_dir, split, str(label))
             os.makedirs(folder, exist_ok=True)
             image = Image.fromarray(images[idx].astype(np.uint8), mode='L')
-            image.resize((size, size), Image.BILINEAR).save(
-                osp.join(folder, f'{idx:04d}.png'))
+            image.resize(
+                (size, size),
+                Image.BILINEAR).save(osp.join(folder, f'{idx:04d}.png'))
         counts[split] = len(indices)
     return counts
 
