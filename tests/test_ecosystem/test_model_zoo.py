@@ -188,11 +188,18 @@ def test_ddp_equals_one_process_with_plain_bn(name):
         for key, expected in reference['state'].items():
             assert_rel_close(result['state'][key], expected,
                              f'rank {rank} {key}')
-        # The reverted model is the original classes again and gives the
-        # reference's eval outputs.
-        assert result['reverted_kinds'] == reference['kinds']
-        assert_rel_close(result['eval_out'], reference['eval_out'],
-                         f'rank {rank} reverted eval output')
+        # The reverted model holds the original classes again (BatchNormXd
+        # where the model was built with MMSyncBN) and gives the reference's
+        # eval outputs: within 1e-8, as the 1e-10 differences of the
+        # parameters and statistics pass through up to 80 layers.
+        built_sync = name.startswith('mmpretrain')
+        assert result['reverted_kinds'] == (['BatchNormXd'] if built_sync else
+                                            reference['kinds'])
+        assert_rel_close(
+            result['eval_out'],
+            reference['eval_out'],
+            f'rank {rank} reverted eval output',
+            rtol=1e-8)
 
 
 class TestTimmConversion:
