@@ -13,6 +13,11 @@ import os.path as osp
 
 import numpy as np
 
+# The data set file of this checkout (mmsync need not be installed).
+DIGITS_FILE = osp.join(
+    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'mmsync',
+    'datasets', 'digits.npz')
+
 
 def write_images(out_dir: str, size: int = 16) -> dict:
     """Write every image of the shipped split as a ``size`` x ``size`` PNG.
@@ -26,8 +31,6 @@ def write_images(out_dir: str, size: int = 16) -> dict:
         dict: Number of images written per split.
     """
     from PIL import Image
-
-    from mmsync.datasets.digits import DIGITS_FILE
     if size < 8:
         raise ValueError(f'size must be at least 8 (the digits are 8x8), '
                          f'got {size}')
