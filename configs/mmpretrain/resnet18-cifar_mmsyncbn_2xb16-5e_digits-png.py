@@ -22,23 +22,16 @@ data_root = 'data/digits_png'
 data_preprocessor = dict(
     num_classes=10, mean=[127.5] * 3, std=[127.5] * 3, to_rgb=False)
 pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
+dataset = dict(type='CustomDataset', data_root=data_root, pipeline=pipeline)
 train_dataloader = dict(
     batch_size=16,
     num_workers=0,
-    dataset=dict(
-        type='CustomDataset',
-        data_root=data_root,
-        data_prefix='train',
-        pipeline=pipeline),
+    dataset=dict(dataset, data_prefix='train'),
     sampler=dict(type='DefaultSampler', shuffle=True))
 val_dataloader = dict(
     batch_size=64,
     num_workers=0,
-    dataset=dict(
-        type='CustomDataset',
-        data_root=data_root,
-        data_prefix='val',
-        pipeline=pipeline),
+    dataset=dict(dataset, data_prefix='val'),
     sampler=dict(type='DefaultSampler', shuffle=False))
 val_evaluator = dict(type='Accuracy', topk=(1, ))
 test_dataloader = val_dataloader

@@ -91,6 +91,18 @@ def state_of(model: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def evaluate(model: nn.Module):
+    """Eval-mode outputs on the first batch, and the BatchNorm class names."""
+    model.eval()
+    with torch.no_grad():
+        eval_out = model(batches()[0][0])
+    kinds = sorted({
+        type(m).__name__
+        for m in model.modules() if isinstance(m, _BatchNorm)
+    })
+    return eval_out, kinds
+
+
 def train_ddp(rank: int, world_size: int, name: str):
     model = build_model(name, sync=True)
     n_sync = sum(isinstance(m, SyncBatchNorm) for m in model.modules())
@@ -110,13 +122,7 @@ def train_ddp(rank: int, world_size: int, name: str):
         summed = local.detach().clone()
         dist.all_reduce(summed)
         losses.append(summed.item() / total)
-    reverted = revert_sync_batchnorm(model).eval()
-    with torch.no_grad():
-        eval_out = reverted(batches()[0][0])
-    kinds = sorted({
-        type(m).__name__
-        for m in reverted.modules() if isinstance(m, _BatchNorm)
-    })
+    eval_out, kinds = evaluate(revert_sync_batchnorm(model))
     return dict(
         losses=losses,
         state=state_of(model),
@@ -135,13 +141,7 @@ def train_reference(name: str):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    model.eval()
-    with torch.no_grad():
-        eval_out = model(batches()[0][0])
-    kinds = sorted({
-        type(m).__name__
-        for m in model.modules() if isinstance(m, _BatchNorm)
-    })
+    eval_out, kinds = evaluate(model)
     return dict(
         losses=losses, state=state_of(model), eval_out=eval_out, kinds=kinds)
 
