@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Everything CI checks, on a fresh machine: set-up from the repository's own
-# files, style (yapf, isort), a compile-only pass over the CUDA sources, and
-# the test suite. Extra arguments go to pytest.
+# files, style (yapf, isort), a compile-only pass over the CUDA sources, the
+# test suite, and (where nvcc exists) the second environment of
+# .ci/cuda_env.sh: torch's CUDA build with mmcv-lite, mmpretrain, timm and
+# torchvision, mmsync built with its CUDA kernels, the suite again there.
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,3 +28,8 @@ else
   echo "run_tests: nvcc not found, CUDA sources not compile-checked"
 fi
 "$PY" -m pytest tests -q "$@"
+if command -v nvcc >/dev/null; then
+  bash .ci/cuda_env.sh "$@"
+else
+  echo "run_tests: nvcc not found, the CUDA-torch environment is not built"
+fi

@@ -18,20 +18,23 @@ from typing import Dict, List, Tuple, Type, Union
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.registry import MODELS as ROOT_MODELS
+from mmengine.utils.dl_utils.parrots_wrapper import \
+    SyncBatchNorm as MMEngineSyncBatchNorm
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ...ops import SyncBatchNorm
 from ...registry import NORM_LAYERS
 
-# torch's norm layers under mmcv's names; 'MMSyncBN' is registered by
-# mmsync.ops next to its class.
+# torch's norm layers under mmcv's names, the very classes mmcv registers
+# ('SyncBN' is mmengine's thin subclass of torch's); 'MMSyncBN' is
+# registered by mmsync.ops next to its class.
 TORCH_NORM_LAYERS: Dict[str, Type[nn.Module]] = {
     'BN': nn.BatchNorm2d,
     'BN1d': nn.BatchNorm1d,
     'BN2d': nn.BatchNorm2d,
     'BN3d': nn.BatchNorm3d,
-    'SyncBN': nn.SyncBatchNorm,
+    'SyncBN': MMEngineSyncBatchNorm,
     'GN': nn.GroupNorm,
     'LN': nn.LayerNorm,
     'IN': nn.InstanceNorm2d,

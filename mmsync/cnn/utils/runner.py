@@ -110,12 +110,24 @@ class MMSyncRunner(Runner):
     """mmengine's ``Runner`` whose ``cfg.sync_bn`` also accepts 'mmsync'.
 
     In a distributed run, ``sync_bn='mmsync'`` (or ``dict(type='mmsync',
-    stats_mode='N')``) converts every BatchNorm of the model to MMSyncBN
-    with ``convert_sync_batchnorm`` before the model is wrapped, as
-    ``sync_bn='torch'`` does with torch's SyncBatchNorm. Without
-    distribution the model is left as it is (MMSyncBN runs in a world of
-    one). Every other value of ``sync_bn`` behaves as in ``Runner``.
+    stats_mode='default')``) converts every BatchNorm of the model to
+    MMSyncBN with ``convert_sync_batchnorm`` (``stats_mode='N'`` unless
+    given) before the model is wrapped, as ``sync_bn='torch'`` does with
+    torch's SyncBatchNorm. Without distribution the model is left as it is
+    (MMSyncBN runs in a world of one). Every other value of ``sync_bn``
+    behaves as in ``Runner``.
+
+    With a launcher and torchrun's environment, the process group is joined
+    by ``init_dist_from_env`` (gloo on CPU); without ``model_wrapper_cfg``
+    a CPU model is wrapped in ``MMDistributedDataParallel`` with
+    ``device_ids=None``.
     """
+
+    def setup_env(self, env_cfg: Dict) -> None:
+        if (self.distributed and not dist.is_initialized()
+                and all(name in os.environ for name in ENV_VARS)):
+            init_dist_from_env(**env_cfg.get('dist_cfg', {}))
+        super().setup_env(env_cfg)
 
     def wrap_model(self, model_wrapper_cfg: Optional[Dict],
                    model: nn.Module) -> nn.Module:

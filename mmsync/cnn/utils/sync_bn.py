@@ -125,7 +125,7 @@ def _is_plain(module: _BatchNorm) -> bool:
     cls = type(module)
     if cls in PLAIN_SOURCES + (nn.SyncBatchNorm, BatchNormXd):
         return True
-    return (cls.forward is _BatchNorm.forward
+    return (cls.forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
             and not any(True for _ in module.children()))
 
 
@@ -327,7 +327,8 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     if source is not None and cls in _sync_classes.values():
         module_output = _rebuild(
             source, module, drop=SYNC_ATTRS + module._mmsync_added)
-    elif type(module) in (SyncBatchNorm, nn.SyncBatchNorm):
+    elif type(module) is SyncBatchNorm or (isinstance(module, nn.SyncBatchNorm)
+                                           and _is_plain(module)):
         plain = getattr(module, '_mmsync_source_cls', None)
         if plain is not None:
             new = plain(module.num_features, module.eps, module.momentum,
