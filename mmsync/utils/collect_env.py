@@ -69,7 +69,9 @@ def cpu_variant(ext: bytes, cpu_flags: set, cap: Optional[str]) -> str:
 def cuda_archs(path: str, ext: bytes) -> str:
     """The CUDA architectures compiled into ``_ext``: from ``cuobjdump``
     where it is installed, else from the ``sm_XX`` names in the file."""
-    cuobjdump = shutil.which('cuobjdump')
+    from torch.utils.cpp_extension import CUDA_HOME
+    cuobjdump = shutil.which('cuobjdump') or shutil.which(
+        'cuobjdump', path=osp.join(str(CUDA_HOME), 'bin'))
     if cuobjdump:
         out = subprocess.run([cuobjdump, '--list-elf', path],
                              capture_output=True,
@@ -77,7 +79,10 @@ def cuda_archs(path: str, ext: bytes) -> str:
                              timeout=60).stdout
         archs = sorted(set(re.findall(r'sm_\d+a?', out)))
     else:
-        archs = sorted({m.decode() for m in re.findall(rb'sm_\d+a?', ext)})
+        archs = sorted({
+            m.decode()
+            for m in re.findall(rb'(?<![\w.])sm_\d+a?(?!\w)', ext)
+        })
     return ', '.join(archs) if archs else 'none (built without CUDA)'
 
 
