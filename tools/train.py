@@ -287,7 +287,7 @@ def check_work_dir(work_dir: str) -> None:
     """Check that the work dir can be made and written, writing nothing.
 
     The nearest existing folder on its path takes a temporary file that is
-    gone at once (a permission check alone misses read-only disks and root).
+    gone at once (os.access says yes to root, whatever the folder).
     """
     path = osp.abspath(work_dir)
     while not osp.exists(path):

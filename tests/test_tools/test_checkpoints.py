@@ -4,20 +4,25 @@ Crafted files (the ``getattr`` chain that reaches ``__import__``, a call of
 ``os.system``) are refused by ``load_checkpoint_file`` and, before anything
 starts, by tools/train.py (``--resume``, ``load_from``) and tools/test.py,
 with one line naming the global asked for and ``--trust-checkpoint``. The
-checkpoints that mmsync's training writes, and mmengine Runner checkpoints in
-general, load without it, their log history intact.
+checkpoints that mmsync's training writes, and those of an mmpretrain run
+(where mmpretrain is installed), load without it, their log history intact.
 """
 import os
+import os.path as osp
 import pathlib
+import sys
 
 import pytest
 import torch
 from mmengine.logging import HistoryBuffer
 from test_bad_input import check_one_line_error
-from tools_launch import SYNC_CONFIG, accuracies, python, run
+from tools_launch import REPO, SYNC_CONFIG, accuracies, base_env, python, run
 
 from mmsync.models.checkpoint import (CheckpointError, checkpoint_loading,
                                       load_checkpoint_file)
+
+MMPRETRAIN_CONFIG = osp.join(REPO, 'configs', 'mmpretrain',
+                             'resnet18-cifar_mmsyncbn_2xb16-5e_digits-png.py')
 
 
 class _Reduce:
@@ -140,3 +145,28 @@ def test_mmsync_checkpoint_loads_with_its_log_history(runs):
     }
     for key, value in full['state_dict'].items():
         assert torch.equal(loaded['state_dict'][key], value), key
+
+
+def test_mmpretrain_checkpoint_loads(tmp_path):
+    """A checkpoint of an mmpretrain run (its ResNet-18, runtime and data
+    set through tools/dist_train.sh, one epoch) loads without trust."""
+    pytest.importorskip('mmpretrain.models', reason='needs mmpretrain')
+    data = str(tmp_path / 'digits_png')
+    run([sys.executable, 'tools/misc/digits_to_images.py', data], timeout=300)
+    work_dir = tmp_path / 'work'
+    run([
+        'bash', 'tools/dist_train.sh', MMPRETRAIN_CONFIG, '2', '--work-dir',
+        str(work_dir), '--cfg-options',
+        f'train_dataloader.dataset.data_root={data}',
+        f'val_dataloader.dataset.data_root={data}',
+        f'test_dataloader.dataset.data_root={data}', 'train_cfg.max_epochs=1',
+        'param_scheduler.T_max=1'
+    ],
+        timeout=1200,
+        env=base_env(CUDA_VISIBLE_DEVICES=''))
+    loaded = load_checkpoint_file(str(work_dir / 'epoch_1.pth'))
+    assert loaded['meta']['epoch'] == 1
+    assert 'dataset_meta' in loaded['meta']
+    assert all(
+        isinstance(buffer, HistoryBuffer)
+        for buffer in loaded['message_hub']['log_scalars'].values())
