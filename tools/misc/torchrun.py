@@ -7,6 +7,8 @@ PROG ADDR PORT`` it only checks that PORT is free on ADDR, or says in one
 line that it is not (exit 2).
 """
 import errno
+import importlib.util
+import os.path as osp
 import signal
 import socket
 import sys
@@ -14,7 +16,18 @@ import sys
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.run import main
 
-from mmsync.utils.process import die_with_parent
+
+def die_with_parent(sig: signal.Signals) -> None:
+    """mmsync.utils.process.die_with_parent, loaded from its file: importing
+    the mmsync package loads mmengine and the extension, seconds that this
+    process does not need."""
+    path = osp.join(
+        osp.dirname(osp.abspath(__file__)), '..', '..', 'mmsync', 'utils',
+        'process.py')
+    spec = importlib.util.spec_from_file_location('mmsync_process', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.die_with_parent(sig)
 
 
 def check_port(prog: str, addr: str, port: int) -> None:
