@@ -175,14 +175,24 @@ def test_failure_names_its_rank(tmp_path):
     assert leftovers(work_dir) == ['epoch_1.pth']
 
 
-def test_ctrl_c_ends_in_a_few_lines(tmp_path):
-    """SIGINT to the launch's process group, as a terminal sends it."""
-    work_dir = tmp_path / 'work'
+def start_training(work_dir) -> subprocess.Popen:
+    """Start the short run; return once both workers run."""
     proc = start(
         dist_train(work_dir, *short_run_options('float64', 8)),
         env=launch_env())
     try:
         wait_for(lambda: len(workers(work_dir)) == 2, 120, 'the workers')
+    except AssertionError:
+        finish(proc, timeout=60)
+        raise
+    return proc
+
+
+def test_ctrl_c_ends_in_a_few_lines(tmp_path):
+    """SIGINT to the launch's process group, as a terminal sends it."""
+    work_dir = tmp_path / 'work'
+    proc = start_training(work_dir)
+    try:
         os.killpg(proc.pid, signal.SIGINT)
     finally:
         result = finish(proc, timeout=60)
@@ -198,11 +208,8 @@ def test_ctrl_c_ends_in_a_few_lines(tmp_path):
 def test_no_orphans_after_kill_9(tmp_path, victim):
     """kill -9 of torchrun or of the script: the workers end too."""
     work_dir = tmp_path / 'work'
-    proc = start(
-        dist_train(work_dir, *short_run_options('float64', 8)),
-        env=launch_env())
+    proc = start_training(work_dir)
     try:
-        wait_for(lambda: len(workers(work_dir)) == 2, 120, 'the workers')
         if victim == 'torchrun':
             (pid, ) = pids_with('misc/torchrun.py', str(work_dir))
         else:
