@@ -132,6 +132,7 @@ def test_mmcv_full_build_imported_after_mmsync(tmp_path):
     ops = tmp_path / 'mmcv' / 'ops'
     ops.mkdir(parents=True)
     (tmp_path / 'mmcv' / '__init__.py').write_text('')
+    (tmp_path / 'mmcv' / '_ext.so').write_text('')  # marks a full build
     (ops / '__init__.py').write_text('from .sync_bn import SyncBatchNorm\n')
     (ops / 'sync_bn.py').write_text(
         'import torch.nn as nn\n'

@@ -13,6 +13,7 @@ drop-in for mmcv's layer of that name: where mmcv's full build (with
 registers the name without ``force``, so importing it after mmsync would
 fail), then mmsync takes the name over and says so once.
 """
+import glob
 import importlib
 import importlib.util
 import inspect
@@ -57,8 +58,12 @@ def _import_mmcv_sync_bn() -> None:
     """Import mmcv's own MMSyncBN where mmcv's full build is installed."""
     spec = importlib.util.find_spec('mmcv')
     folders = (spec.submodule_search_locations or []) if spec else []
-    if not any(osp.isfile(osp.join(d, 'ops', 'sync_bn.py')) for d in folders):
-        return  # no mmcv, or mmcv-lite (no mmcv.ops)
+    # mmcv-lite ships mmcv/ops/*.py too, but not the compiled mmcv._ext
+    # they import.
+    if not any(
+            glob.glob(osp.join(d, '_ext.*'))
+            and osp.isfile(osp.join(d, 'ops', 'sync_bn.py')) for d in folders):
+        return
     try:
         importlib.import_module('mmcv.ops.sync_bn')
     except Exception as e:  # a broken mmcv.ops must not break mmsync
