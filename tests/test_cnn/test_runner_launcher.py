@@ -45,8 +45,10 @@ runner.train()
 model = runner.model
 norms = {type(m).__name__ for m in model.modules()
          if isinstance(m, SyncBatchNorm)}
-print('RESULT', dist.get_backend(), type(model).__name__, model.device_ids,
-      sorted(norms), runner.train_loop.iter, flush=True)
+result = (dist.get_backend(), type(model).__name__, str(model.device_ids),
+          str(sorted(norms)), str(runner.train_loop.iter))
+with open(f'{sys.argv[1]}/result_{dist.get_rank()}.txt', 'w') as f:
+    f.write(' '.join(result))
 '''
 
 
@@ -65,10 +67,8 @@ def test_torchrun_openmmlab_config_trains_on_cpu(tmp_path):
     run = subprocess.run(
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    results = [
-        line.split()[1:] for line in run.stdout.splitlines()
-        if line.startswith('RESULT')
-    ]
+    results = [(tmp_path / 'work' / f'result_{rank}.txt').read_text().split()
+               for rank in range(2)]
     # 64 samples, 2 processes x 8: 4 steps each.
     assert results == [[
         'gloo', 'MMDistributedDataParallel', 'None', "['SyncBatchNorm']", '4'

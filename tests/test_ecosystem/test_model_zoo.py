@@ -9,6 +9,7 @@ statistics. The reverted model's eval outputs must equal the reference's.
 Needs torchvision, timm and mmpretrain (the CUDA-torch CI environment).
 """
 import os.path as osp
+import pickle
 
 import pytest
 import torch
@@ -230,6 +231,16 @@ class TestTimmConversion:
                 assert m.stats_mode == 'N'
         assert set(converted.state_dict()) == keys
 
+    def test_converted_model_pickles(self, model):
+        import io
+        converted = convert_sync_batchnorm(model)
+        buffer = io.BytesIO()
+        torch.save(converted, buffer)
+        loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+        assert type(loaded.bn1) is type(converted.bn1)
+        x = torch.randn(2, 3, IMAGE, IMAGE, dtype=torch.float64)
+        torch.testing.assert_close(loaded.eval()(x), converted.eval()(x))
+
     @pytest.mark.parametrize('training', (True, False))
     def test_round_trip_computes_the_same(self, model, training):
         from timm.layers import BatchNormAct2d
@@ -290,6 +301,9 @@ class TestCustomSubclasses:
         reverted = revert_sync_batchnorm(converted)
         assert type(reverted) is self.BNThenTanh
         assert reverted.act is layer.act and reverted.scale == 2.0
+        copied = pickle.loads(pickle.dumps(converted))
+        assert type(copied) is type(converted)
+        torch.testing.assert_close(copied(x), converted(x))
 
     def test_unsyncable_subclass_raises_instead_of_a_wrong_answer(self):
         converted = convert_sync_batchnorm(self.OwnBatchNorm(3))
@@ -297,13 +311,14 @@ class TestCustomSubclasses:
                 RuntimeError, match=r'does not call super\(\)\.forward'):
             converted(torch.randn(4, 3, 2, 2))
 
+    class SyncBNThenTanh(SyncBatchNorm):
+        """A subclass of MMSyncBN adding an activation."""
+
+        def forward(self, x):
+            return torch.tanh(super().forward(x))
+
     def test_mmsyncbn_subclass_reverts_to_itself_alone(self):
-
-        class SyncBNThenTanh(SyncBatchNorm):
-
-            def forward(self, x):
-                return torch.tanh(super().forward(x))
-
+        SyncBNThenTanh = self.SyncBNThenTanh
         layer = SyncBNThenTanh(3, stats_mode='N').double()
         x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
         reverted = revert_sync_batchnorm(layer)
@@ -312,5 +327,7 @@ class TestCustomSubclasses:
         torch.testing.assert_close(
             reverted(x),
             torch.tanh(F.batch_norm(x, None, None, training=True)))
+        copied = pickle.loads(pickle.dumps(reverted))
+        assert type(copied) is type(reverted) and copied.group_size == 1
         back = convert_sync_batchnorm(reverted)
         assert type(back) is SyncBNThenTanh

@@ -9,6 +9,7 @@ beside mmcv-lite 2.2, so their scopes are made here with the line their
 ``registry.py`` has (a child of the root ``MODELS`` named by the scope).
 """
 import importlib.util
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -120,6 +121,40 @@ class TestTakeOver:
             norm_module.register_root_name()
         assert type(mmcv_cnn.build_norm_layer(dict(type='MMSyncBN'),
                                               3)[1]) is SyncBatchNorm
+
+
+def test_mmcv_full_build_imported_after_mmsync(tmp_path):
+    """mmcv's full build registers 'MMSyncBN' without force: importing it
+    after mmsync must work, and the name must stay mmsync's. mmcv with
+    mmcv.ops cannot be built here, so a package named mmcv with the same
+    registration line stands in for it (first on sys.path, in a fresh
+    interpreter)."""
+    ops = tmp_path / 'mmcv' / 'ops'
+    ops.mkdir(parents=True)
+    (tmp_path / 'mmcv' / '__init__.py').write_text('')
+    (tmp_path / 'mmcv' / '_ext.so').write_text('')  # marks a full build
+    (ops / '__init__.py').write_text('from .sync_bn import SyncBatchNorm\n')
+    (ops / 'sync_bn.py').write_text(
+        'import torch.nn as nn\n'
+        'from mmengine.registry import MODELS\n'
+        "@MODELS.register_module(name='MMSyncBN')\n"
+        'class SyncBatchNorm(nn.Module):\n'
+        '    pass\n')
+    code = ('import mmsync, mmcv.ops; '
+            'from mmengine.registry import MODELS; '
+            "print(MODELS.get('MMSyncBN').__module__)")
+    env = dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}{REPO}')
+    out = subprocess.run([sys.executable, '-c', code],
+                         capture_output=True,
+                         text=True,
+                         timeout=300,
+                         cwd=str(tmp_path),
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == 'mmsync.ops.sync_bn'
+    said = out.stdout + out.stderr
+    assert said.count("'MMSyncBN' in mmengine's root MODELS registry was "
+                      'mmcv.ops.sync_bn.SyncBatchNorm') == 1, said
 
 
 class TestMMCVContract:

@@ -8,11 +8,17 @@ tests expect) and resolves ``type`` in mmsync's ``NORM_LAYERS`` first.
 mmsync's layer is also registered as ``'MMSyncBN'`` in mmengine's root
 ``MODELS``, where mmcv's builders and every downstream registry (mmpretrain,
 mmdet, mmseg: children of the root) look a bare name up. mmsync is the
-drop-in for mmcv's layer of that name, so where mmcv registered its own
-first, mmsync takes the name over and says so once.
+drop-in for mmcv's layer of that name: where mmcv's full build (with
+``mmcv.ops``) is installed, its ``sync_bn`` module is imported first (it
+registers the name without ``force``, so importing it after mmsync would
+fail), then mmsync takes the name over and says so once.
 """
+import glob
+import importlib
+import importlib.util
 import inspect
 import logging
+import os.path as osp
 from typing import Dict, List, Tuple, Type, Union
 
 import torch.nn as nn
@@ -48,6 +54,26 @@ for _name, _cls in TORCH_NORM_LAYERS.items():
 NORM_LAYER_NAMES: Tuple[str, ...] = tuple(TORCH_NORM_LAYERS) + ('MMSyncBN', )
 
 
+def _import_mmcv_sync_bn() -> None:
+    """Import mmcv's own MMSyncBN where mmcv's full build is installed."""
+    spec = importlib.util.find_spec('mmcv')
+    folders = (spec.submodule_search_locations or []) if spec else []
+    # mmcv-lite ships mmcv/ops/*.py too, but not the compiled mmcv._ext
+    # they import.
+    if not any(
+            glob.glob(osp.join(d, '_ext.*'))
+            and osp.isfile(osp.join(d, 'ops', 'sync_bn.py')) for d in folders):
+        return
+    try:
+        importlib.import_module('mmcv.ops.sync_bn')
+    except Exception as e:  # a broken mmcv.ops must not break mmsync
+        print_log(
+            f'mmsync: mmcv.ops.sync_bn is installed but cannot be imported '
+            f'({type(e).__name__}: {e}); mmsync registers MMSyncBN anyway',
+            logger='current',
+            level=logging.WARNING)
+
+
 def register_root_name(name: str = 'MMSyncBN',
                        module: type = SyncBatchNorm) -> None:
     """Register ``module`` as ``name`` in mmengine's root ``MODELS``.
@@ -74,6 +100,7 @@ def register_root_name(name: str = 'MMSyncBN',
     ROOT_MODELS.register_module(name=name, module=module, force=True)
 
 
+_import_mmcv_sync_bn()
 register_root_name()
 
 # _InstanceNorm no longer derives from _BatchNorm in torch 2, so both are

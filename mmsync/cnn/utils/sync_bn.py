@@ -168,6 +168,23 @@ def _checked_forward(self, input: torch.Tensor) -> torch.Tensor:
 _sync_classes: Dict[type, type] = {}
 
 
+def _restore(make_class, cls: type, state: dict) -> nn.Module:
+    """Unpickle an instance of a class made by ``sync_class_of`` or
+    ``local_class_of``: such a class is found through the class it was made
+    from, not by its name."""
+    module = make_class(cls).__new__(make_class(cls))
+    module.__dict__.update(state)
+    return module
+
+
+def _reduce_sync(self):
+    return _restore, (sync_class_of, self._mmsync_source_cls, self.__dict__)
+
+
+def _reduce_local(self):
+    return _restore, (local_class_of, self._mmsync_local_of, self.__dict__)
+
+
 def sync_class_of(cls: type) -> type:
     """The class derived from ``cls`` and MMSyncBN that conversion gives.
 
@@ -183,7 +200,8 @@ def sync_class_of(cls: type) -> type:
             __module__=__name__,
             __doc__=f'{cls.__qualname__} whose batch norm is MMSyncBN\'s.',
             _mmsync_source_cls=cls,
-            forward=_tail_forward(tail) if tail else _checked_forward)
+            forward=_tail_forward(tail) if tail else _checked_forward,
+            __reduce__=_reduce_sync)
         _sync_classes[cls] = type(f'MMSync{cls.__name__}', (cls, _SyncProbe),
                                   body)
     return _sync_classes[cls]
@@ -296,7 +314,8 @@ def local_class_of(cls: type) -> type:
                 __module__=__name__,
                 __doc__=f'{cls.__qualname__} normalizing each rank alone.',
                 _mmsync_local_of=cls,
-                _sync_group=_local_sync_group))
+                _sync_group=_local_sync_group,
+                __reduce__=_reduce_local))
     return _local_classes[cls]
 
 
