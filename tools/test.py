@@ -23,7 +23,7 @@ from train import LAUNCHERS, UsageError, launch_env
 from mmsync.cnn.utils.runner import init_dist_from_env
 from mmsync.models import init_model
 from mmsync.models.checkpoint import CheckpointError
-from mmsync.utils.process import die_with_parent
+from mmsync.utils.process import die_with_launcher
 
 
 def parse_args():
@@ -82,7 +82,7 @@ def main():
     except UsageError as e:
         error(str(e))
     if args.launcher == 'pytorch':
-        die_with_parent()  # not to outlive a killed torchrun
+        die_with_launcher()  # not to outlive a killed torchrun
     try:
         cfg = Config.fromfile(args.config)
         model = init_model(cfg, args.checkpoint, args.cfg_options,

@@ -43,7 +43,7 @@ from mmsync.models.checkpoint import (ATOMIC_BACKEND, CheckpointError,
                                       find_resume_checkpoint,
                                       load_checkpoint_file)
 from mmsync.ops import SyncBatchNorm
-from mmsync.utils.process import die_with_parent
+from mmsync.utils.process import die_with_launcher
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 TORCHRUN_VARS = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR',
@@ -548,7 +548,7 @@ def main():
     args = parse_args()
     if args.launcher == 'pytorch' and args.dry_run is None:
         # Killed, torchrun cannot stop its workers: they stop themselves.
-        die_with_parent()
+        die_with_launcher()
     try:
         cfg = load_config(args)
         env = launch_env(args.launcher) if args.dry_run is None else {}

@@ -75,7 +75,12 @@ def finish(proc: subprocess.Popen,
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f'{proc.args} did not finish in {timeout} s (killed), and '
+                'processes outside its group (orphans?) hold its output')
         raise AssertionError(
             f'{proc.args} did not finish in {timeout} s (killed); output:\n'
             f'{out[-3000:]}\n{err[-3000:]}')

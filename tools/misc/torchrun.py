@@ -8,6 +8,7 @@ line that it is not (exit 2).
 """
 import errno
 import importlib.util
+import os
 import os.path as osp
 import signal
 import socket
@@ -17,17 +18,17 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.run import main
 
 
-def die_with_parent(sig: signal.Signals) -> None:
-    """mmsync.utils.process.die_with_parent, loaded from its file: importing
-    the mmsync package loads mmengine and the extension, seconds that this
-    process does not need."""
+def load_process_module():
+    """mmsync.utils.process, loaded from its file: importing the mmsync
+    package loads mmengine and the extension, seconds that this process
+    does not need."""
     path = osp.join(
         osp.dirname(osp.abspath(__file__)), '..', '..', 'mmsync', 'utils',
         'process.py')
     spec = importlib.util.spec_from_file_location('mmsync_process', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.die_with_parent(sig)
+    return module
 
 
 def check_port(prog: str, addr: str, port: int) -> None:
@@ -52,7 +53,12 @@ if __name__ == '__main__':
     if sys.argv[1:2] == ['--check-port']:
         check_port(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         sys.exit(0)
-    die_with_parent(signal.SIGTERM)
+    process = load_process_module()
+    process.die_with_parent(signal.SIGTERM)
+    # The workers check it: stopped while it starts them, this process
+    # cannot stop them, and they may find it gone before they can ask Linux
+    # to stop them with it.
+    os.environ[process.LAUNCHER_PID] = str(os.getpid())
     try:
         main()
     except SignalException as e:
