@@ -59,6 +59,10 @@ if __name__ == '__main__':
     # cannot stop them, and they may find it gone before they can ask Linux
     # to stop them with it.
     os.environ[process.LAUNCHER_PID] = str(os.getpid())
+    # Restarted workers sharing the rendezvous store of the first attempt can
+    # read its stale addresses and fail to connect (pytorch/pytorch#135712):
+    # each attempt gets a store of its own instead.
+    os.environ.setdefault('TORCH_DISABLE_SHARE_RDZV_TCP_STORE', '1')
     try:
         main()
     except SignalException as e:
