@@ -14,7 +14,8 @@ namespace cuda {
 // shift being the channel's first element: the float32 moments then keep
 // their precision relative to the spread, not to |mean| (mean >> std). The
 // partials ([3][splits][C]: n, mean, M2, then shift[C]) are merged by
-// stats_merge_kernel; a grid of one split writes the packed buffer directly.
+// stats_merge_kernel; a grid of one split writes the packed row (mean, M2)
+// directly.
 
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
@@ -46,8 +47,7 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
     block_welford(n, mean, m2);
     if (threadIdx.x == 0) {
       if (splits == 1) {
-        write_packed(packed, C, c, weight, double(n),
-                     double(shift) + double(mean), double(m2));
+        write_packed(packed, C, c, double(shift), double(mean), double(m2));
       } else {
         partial[blockIdx.x * C + c] = n;
         partial[(splits + blockIdx.x) * C + c] = mean;
@@ -140,8 +140,7 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
       for (int j = 0; j < V; ++j) {
         const int64_t c = cv * V + j;
         if (splits == 1) {
-          write_packed(packed, C, c, weight, double(n),
-                       double(shift[j]) + double(mean[j]), double(m2[j]));
+          write_packed(packed, C, c, double(shift[j]), double(mean[j]), double(m2[j]));
         } else {
           partial[blockIdx.x * C + c] = n;
           partial[(splits + blockIdx.x) * C + c] = mean[j];
@@ -177,8 +176,7 @@ __global__ void __launch_bounds__(kThreads)
                  double(partial[(2 * splits + j) * C + c]));
     warp_welford(n, mean, m2);
     if (lane == 0)
-      write_packed(packed, C, c, weight, n,
-                   double(partial[3 * splits * C + c]) + mean, m2);
+      write_packed(packed, C, c, double(partial[3 * splits * C + c]), mean, m2);
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     packed[0] = weight;
@@ -187,20 +185,23 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------
-// Finalize: the all-reduced packed buffer -> mean, invstd (out_t), the scale
-// of the backward formula, and the running-stat update, all on the device:
-// no host read, so the step stays asynchronous and graph-capturable.
+// Finalize: the gathered rows of the group's ranks -> mean, invstd (out_t),
+// the scale of the backward formula, and the running-stat update, all on the
+// device: no host read, so the step stays asynchronous and graph-capturable.
+// A group holding one value per channel fails a device-side assertion.
 
 template <typename out_t, typename run_t>
 __global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const double* __restrict__ stats, int64_t C, double eps,
-                    int64_t count, bool weight_by_count,
+    finalize_kernel(const double* __restrict__ stats, int64_t rows, int64_t C,
+                    double eps, int64_t count, bool weight_by_count,
                     run_t* __restrict__ running_mean,
                     run_t* __restrict__ running_var,
                     const int64_t* __restrict__ tracked, bool has_momentum,
                     double momentum, out_t* __restrict__ mean,
                     out_t* __restrict__ invstd, out_t* __restrict__ scale) {
-  const double total = stats[1];
+  double weight, total;
+  group_totals(stats, rows, C, weight, total);
+  MMSYNC_DEVICE_ASSERT(total != 1.0, MMSYNC_ONE_VALUE_ERROR);
   const bool update = running_mean != nullptr && total > 0.0;
   double f = 0.0;
   if (update)
@@ -211,7 +212,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
        c += stride) {
     double m, v;
-    packed_moments(stats, C, c, m, v);
+    merge_rows(stats, rows, C, c, m, v);
     mean[c] = out_t(m);
     invstd[c] = out_t(1.0 / sqrt(v + eps));
     if (update) {
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (blockIdx.x == 0 && threadIdx.x == 0)
-    scale[0] = out_t(grad_scale(stats, count, weight_by_count));
+    scale[0] = out_t(grad_scale(weight, total, count, weight_by_count));
 }
 
 // ---------------------------------------------------------------------------

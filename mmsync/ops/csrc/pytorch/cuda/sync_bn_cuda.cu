@@ -321,8 +321,8 @@ Tensor forward_stats_cuda(const Tensor& input_, bool weight_by_count) {
   const Geometry g = kernel_input(input_, &input);
   const auto opts = input.options().dtype(at::kDouble);
   const int64_t count = g.rows();
-  if (count == 0 || g.C == 0) return at::zeros({2 * g.C + kStatsHeader}, opts);
-  Tensor stats = at::empty({2 * g.C + kStatsHeader}, opts);
+  if (count == 0 || g.C == 0) return at::zeros({kStatsFields * g.C + kStatsHeader}, opts);
+  Tensor stats = at::empty({kStatsFields * g.C + kStatsHeader}, opts);
   const double weight = weight_by_count ? double(count) : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_stats_cuda",
@@ -338,7 +338,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cuda(
     const c10::optional<Tensor>& num_batches_tracked,
     c10::optional<double> momentum, double eps, int64_t count,
     bool weight_by_count, at::ScalarType dtype) {
-  const int64_t C = stats_channels(stats_);
+  int64_t rows = 1;
+  const int64_t C = stats_channels(stats_, &rows);
   check_cuda(stats_, "sync_bn_forward_finalize");
   const c10::cuda::CUDAGuard guard(stats_.device());
   const Tensor stats = stats_.contiguous();
@@ -383,7 +384,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cuda(
           using run_t = scalar_t;
           cuda::finalize_kernel<out_t, run_t>
               <<<unsigned(blocks), kThreads, 0, stream>>>(
-                  stats.const_data_ptr<double>(), C, eps, count,
+                  stats.const_data_ptr<double>(), rows, C, eps, count,
                   weight_by_count, has_running ? rm.data_ptr<run_t>() : nullptr,
                   has_running ? rv.data_ptr<run_t>() : nullptr,
                   tracked.defined() ? tracked.const_data_ptr<int64_t>()
