@@ -47,10 +47,13 @@ inline Geometry kernel_input(const at::Tensor& input, at::Tensor* out) {
   Layout layout = Layout::kPlanar;
   *out = input;
   if (!(spatial > 1 && input.is_contiguous())) {
-    if (is_rows_layout(input))
+    if (is_rows_layout(input)) {
       layout = Layout::kRows;
-    else
+    } else {
       *out = input.contiguous();
+      // Contiguous with one value per plane (2-D): rows of C channels.
+      if (spatial == 1) layout = Layout::kRows;
+    }
   }
   return Geometry{input.size(0), input.size(1), spatial, layout};
 }
