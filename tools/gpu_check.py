@@ -224,7 +224,7 @@ def _benchmark(out: str) -> list:
         with open(os.path.join(out, 'benchmark_cuda.json')) as f:
             b = json.load(f)
     except (OSError, ValueError):
-        return [('benchmark', 'no result')]
+        return [('  results', 'no result')]
     rows = [('copy', f"{b['copy_gbs']:.0f} GB/s")]
     steps = b.get('steps', [])
     if steps:
