@@ -121,6 +121,22 @@ class TestOps:
                 rtol=1e-5,
                 atol=1e-6)
 
+    def test_strided_2d_input_reads_as_rows(self):
+        """A 2-D input with strided channels is copied to (N, C) rows once:
+        the same kernels, so the same bits, as its contiguous copy."""
+
+        def forward(x):
+            stats = ops.sync_bn_forward_stats(x, True)
+            mean, invstd, _ = ops.sync_bn_forward_finalize(
+                stats, None, None, None, 0.1, 1e-5, 40, True, torch.float64)
+            return stats, ops.sync_bn_forward_output(x, mean, invstd, None,
+                                                     None, False)
+
+        strided = (torch.randn(40, 26) * 3 + 1)[:, ::2]
+        assert not strided.is_contiguous()
+        for got, want in zip(forward(strided), forward(strided.contiguous())):
+            assert torch.equal(got, want)
+
     def test_bad_op_arguments(self):
         x = torch.randn(4, 3, 5)
         with pytest.raises(RuntimeError, match='floating point input'):
