@@ -62,22 +62,35 @@ def install(wheels: str, site: str) -> None:
 
 
 def registered() -> None:
-    """Every op has a CPU and a CUDA kernel in the built mmsync._ext."""
+    """Every device op of mmsync._ext has its CPU and its CUDA kernel.
+
+    The ops are those the import registered under ``mmsync::`` (OPS must be
+    among them); one without a CPU kernel (a catch-all such as
+    cpu_capability) is device-independent. Also run by .ci/cuda_env.sh.
+    """
     import torch
 
     import mmsync
     import mmsync.ops  # noqa: F401
     print(f'gpu_check: mmsync from {mmsync.__file__}, torch '
           f'{torch.__version__}, CUDA {torch.version.cuda}')
-    missing = [
-        f'{op}/{key}' for op in OPS for key in ('CPU', 'CUDA')
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(
-            f'mmsync::{op}', key)
+    ops = sorted(
+        name.split('::', 1)[1]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith('mmsync::'))
+    device_ops = [
+        op for op in ops if torch._C._dispatch_has_kernel_for_dispatch_key(
+            f'mmsync::{op}', 'CPU')
+    ]
+    missing = [f'{op}/CPU' for op in OPS if op not in device_ops] + [
+        f'{op}/CUDA' for op in device_ops if not torch._C.
+        _dispatch_has_kernel_for_dispatch_key(f'mmsync::{op}', 'CUDA')
     ]
     if missing:
         print('gpu_check: kernels not registered:', ', '.join(missing))
         sys.exit(1)
-    print(f'gpu_check: CPU and CUDA kernels registered for {len(OPS)} ops')
+    print(f'gpu_check: CPU and CUDA kernels registered for '
+          f'{len(device_ops)} ops: {", ".join(device_ops)}')
 
 
 def _step(layer, x, dy):
