@@ -48,7 +48,7 @@ CUDA_LIB=$("$PY" -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA
   "$PY" setup.py -q build_ext --inplace >"$TREE/build_cuda.log" 2>&1) ||
   { tail -50 "$TREE/build_cuda.log"; echo "cuda_env: build failed" >&2; exit 1; }
 say "built"
-(cd "$TREE" && "$PY" .ci/check_cuda_ext.py)
+(cd "$TREE" && PYTHONPATH=$TREE "$PY" tools/gpu_check.py registered)
 say "pytest in the CUDA-torch environment"
 cd "$TREE"
 # tools/dist_train.sh runs `python` and `torchrun`: this environment's.

@@ -269,13 +269,16 @@ def sync_free(step):
 
 
 def commit():
+    """MMSYNC_COMMIT (what gpu_check.sh records), else git's HEAD."""
+    if os.environ.get('MMSYNC_COMMIT'):
+        return os.environ['MMSYNC_COMMIT']
     try:
         return subprocess.check_output(
             ['git', 'rev-parse', '--short', 'HEAD'],
             cwd=os.path.dirname(os.path.abspath(__file__)),
             stderr=subprocess.DEVNULL).decode().strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get('MMSYNC_COMMIT', 'unknown')
+        return 'unknown'
 
 
 def main():
@@ -287,29 +290,40 @@ def main():
         raise SystemExit('benchmark_cuda: mmsync._ext has no CUDA kernels')
     torch.backends.cudnn.benchmark = True
     props = torch.cuda.get_device_properties(0)
-    info = dict(
-        device=props.name,
-        sms=props.multi_processor_count,
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        commit=commit())
-    copy_gbs = copy_bandwidth(args.reps)
-    steps = [
-        time_step(shape, DTYPES[d], layout, args) for shape in args.shapes
-        for d in args.dtypes for layout in args.layouts
-    ]
-    passes = [
-        pass_bandwidth(DTYPES[d], layout, copy_gbs, args) for d in args.dtypes
-        for layout in args.layouts
-    ]
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, 'w', encoding='utf-8') as f:
-            json.dump(
-                dict(info=info, copy_gbs=copy_gbs, steps=steps, passes=passes),
-                f,
-                indent=1)
-    report(info, copy_gbs, steps, passes)
+    results = dict(
+        info=dict(
+            device=props.name,
+            sms=props.multi_processor_count,
+            torch=torch.__version__,
+            cuda=torch.version.cuda,
+            commit=commit()),
+        copy_gbs=copy_bandwidth(args.reps),
+        steps=[],
+        passes=[])
+
+    def save():
+        # After every case: a run stopped at its deadline keeps what it
+        # measured.
+        if args.json:
+            os.makedirs(
+                os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, 'w', encoding='utf-8') as f:
+                json.dump(results, f, indent=1)
+
+    save()
+    for shape in args.shapes:
+        for d in args.dtypes:
+            for layout in args.layouts:
+                results['steps'].append(
+                    time_step(shape, DTYPES[d], layout, args))
+                save()
+    for d in args.dtypes:
+        for layout in args.layouts:
+            results['passes'].append(
+                pass_bandwidth(DTYPES[d], layout, results['copy_gbs'], args))
+            save()
+    report(results['info'], results['copy_gbs'], results['steps'],
+           results['passes'])
 
 
 def report(info, copy_gbs, steps, passes):

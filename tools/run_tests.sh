@@ -3,8 +3,8 @@
 # files, style (yapf, isort), a compile-only pass over the CUDA sources, the
 # test suite, and (where nvcc exists) the second environment of
 # .ci/cuda_env.sh: torch's CUDA build with mmcv-lite, mmpretrain, timm and
-# torchvision, mmsync built with its CUDA kernels, the suite again there.
-# Extra arguments go to pytest.
+# torchvision, mmsync built with its CUDA kernels, the suite again there;
+# then the rehearsal of tools/gpu_check.sh. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,6 +30,10 @@ fi
 "$PY" -m pytest tests -q "$@"
 if command -v nvcc >/dev/null; then
   bash .ci/cuda_env.sh "$@"
+  # The GPU check's every step that runs without a GPU, in a fresh venv
+  # built as the GPU machine gets it; ends with "rehearsal ok".
+  bash tools/gpu_check.sh --rehearse
 else
-  echo "run_tests: nvcc not found, the CUDA-torch environment is not built"
+  echo "run_tests: nvcc not found, the CUDA-torch environment and the GPU" \
+    "check's rehearsal are skipped"
 fi

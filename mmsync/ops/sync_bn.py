@@ -1,23 +1,22 @@
 """Synchronized batch normalization: ``SyncBatchNorm``, registered 'MMSyncBN'.
 
 A training step runs five compiled ops (``torch.ops.mmsync.*``) and exactly
-two collectives, both here, both sums over the group of O(C) buffers:
+two collectives of O(C) buffers (in ``sync_bn_comm``):
 
-forward:  stats (one pass) -> group sum (float64, 2C+2) -> finalize (O(C))
-          -> output (one pass, affine and optional ReLU fused)
+forward:  stats (one pass: count, mean, M2) -> all_gather of the ranks'
+          rows (float64, R x (3C+2)) -> finalize (O(R*C): Chan's merge in
+          rank order) -> output (one pass, affine and optional ReLU fused)
 backward: reduce (one pass: sum(dy), sum(dy*xhat)) -> group sum (2C)
           -> data (one pass, recomputes xhat from the saved input)
 
-A group sum is one all_gather and a local sum in rank order for groups of
-up to ``GATHER_MAX_RANKS`` (8) ranks, one all_reduce for larger ones.
+The backward group sum is one all_gather and a local sum in rank order for
+groups of up to ``GATHER_MAX_RANKS`` (8) ranks, one all_reduce beyond.
 
 Nothing of input size is saved for backward besides the input itself.
 Under ``torch.compile`` dynamo turns both collectives into functional ones
 inside the graph (no graph break). ``MMSYNC_CHECK_SYNC=1`` adds one small
 all_gather before each collective to check that the ranks agree.
 """
-import itertools
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -28,14 +27,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..registry import NORM_LAYERS
 from ..utils import load_ext
+from .sync_bn_comm import (STATS_MODES, SyncCheck, check_sync_enabled,
+                           gather_rows, group_sum, sync_subgroup)
 
 ext_module = load_ext('_ext', [
     'sync_bn_forward_stats', 'sync_bn_forward_finalize',
     'sync_bn_forward_output', 'sync_bn_backward_reduce',
     'sync_bn_backward_data'
 ])
-
-STATS_MODES = ('default', 'N')
 
 
 def check_stats_mode(stats_mode: str) -> None:
@@ -65,12 +64,12 @@ def _register_fake_kernels():
 
     @_register_fake('mmsync::sync_bn_forward_stats')
     def _(input, weight_by_count):
-        return input.new_empty((2 * input.size(1) + 2, ), dtype=torch.float64)
+        return input.new_empty((3 * input.size(1) + 2, ), dtype=torch.float64)
 
     @_register_fake('mmsync::sync_bn_forward_finalize')
     def _(stats, running_mean, running_var, num_batches_tracked, momentum, eps,
           count, weight_by_count, dtype):
-        channels = (stats.size(0) - 2) // 2
+        channels = (stats.size(-1) - 2) // 3
         return (stats.new_empty(
             (channels, ),
             dtype=dtype), stats.new_empty(
@@ -109,139 +108,6 @@ def _empty_in_kernel_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 _register_fake_kernels()
-
-CHECK_ENV = 'MMSYNC_CHECK_SYNC'
-
-# Groups up to this size sum the small buffers by one all_gather and a
-# local sum in rank order; larger ones by one all_reduce. For the few-KB
-# buffers of a layer the gather is one exchange between 2 ranks where gloo's
-# ring all_reduce takes a reduce-scatter and an all-gather step (measured at
-# world 2: 0.18 vs 0.27 ms alone, 10-25% of a training step), while the
-# gathered size grows with the group. MMSYNC_GATHER_MAX_RANKS overrides it.
-GATHER_MAX_RANKS = int(os.environ.get('MMSYNC_GATHER_MAX_RANKS', '8'))
-
-# torch 2.13 renamed all_gather_into_tensor to all_gather_single; looked up
-# at each call, so that wrappers installed on torch.distributed see it.
-_ALL_GATHER = ('all_gather_single' if hasattr(dist, 'all_gather_single') else
-               'all_gather_into_tensor')
-
-
-def _group_sum(tensor: torch.Tensor, group, group_size: int,
-               what: str) -> torch.Tensor:
-    """The one place where mmsync communicates: the sum of ``tensor`` over
-    the group, in one collective, identical on every rank.
-
-    A failed collective (a rank died, the group timed out) is re-raised
-    naming what was being summed and what usually causes it, instead of a
-    bare transport error.
-    """
-    try:
-        if group_size <= GATHER_MAX_RANKS:
-            gathered = tensor.new_empty((group_size, tensor.numel()))
-            getattr(dist, _ALL_GATHER)(gathered.view(-1), tensor, group=group)
-            return gathered.sum(0)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        return tensor
-    except RuntimeError as e:
-        raise RuntimeError(
-            f'MMSyncBN: the {what} collective over a group of '
-            f'{dist.get_world_size(group)} ranks failed on rank '
-            f'{dist.get_rank()}: another rank died, diverged (set '
-            f'{CHECK_ENV}=1 to check every call) or did not reach it within '
-            f"the process group's timeout. Cause: {e}") from e
-
-
-_CHECK_FIELDS = ('phase', 'layer', 'call', 'channels', 'dtype', 'stats_mode')
-_PHASES = ('forward', 'backward')
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_layer_ids = itertools.count()
-
-
-class SyncCheck:
-    """Opt-in check that every rank of a group makes the same call.
-
-    Before each collective, the ranks exchange (phase, layer, call count,
-    channels, dtype, stats_mode) in one fixed-size all_gather; when any field
-    differs, every rank raises the same RuntimeError listing each rank's
-    values, instead of pairing mismatched collectives (which hangs or
-    mixes up data). A layer is named by the order of construction in its
-    process, so the ranks must build their models the same way.
-    """
-
-    def __init__(self):
-        self.layer = next(_layer_ids)
-        self.calls = [0, 0]
-
-    def __call__(self, group, phase: int, channels: int, dtype: torch.dtype,
-                 stats_mode: str, device: torch.device) -> None:
-        self.calls[phase] += 1
-        fields = [
-            phase, self.layer, self.calls[phase], channels,
-            _DTYPES.index(dtype) if dtype in _DTYPES else -1,
-            STATS_MODES.index(stats_mode)
-        ]
-        # On the input's device: NCCL gathers CUDA tensors only.
-        mine = torch.tensor(fields, device=device)
-        gathered = [
-            torch.empty_like(mine) for _ in range(dist.get_world_size(group))
-        ]
-        dist.all_gather(gathered, mine, group=group)
-        table = torch.stack(gathered).cpu()
-        differ = [
-            name for i, name in enumerate(_CHECK_FIELDS)
-            if (table[:, i] != table[0, i]).any()
-        ]
-        if differ:
-            rows = '; '.join(
-                f'group rank {r}: ' +
-                ', '.join(f'{name}={_describe(name, v)}'
-                          for name, v in zip(_CHECK_FIELDS, row.tolist()))
-                for r, row in enumerate(table))
-            raise RuntimeError(
-                f'MMSyncBN consistency check ({CHECK_ENV}): the ranks of a '
-                f'group of {len(gathered)} disagree on {", ".join(differ)} '
-                f'before a {_PHASES[phase]} collective: {rows}')
-
-
-def _describe(field: str, value: int):
-    if field == 'phase':
-        return _PHASES[value]
-    if field == 'dtype':
-        return str(_DTYPES[value]) if value >= 0 else 'unsupported'
-    if field == 'stats_mode':
-        return repr(STATS_MODES[value])
-    return value
-
-
-def check_sync_enabled() -> bool:
-    """Whether ``MMSYNC_CHECK_SYNC`` asks every layer to check its calls."""
-    return os.environ.get(CHECK_ENV,
-                          '0').lower() not in ('', '0', 'false', 'no', 'off')
-
-
-_subgroups = {}
-
-
-def sync_subgroup(group_size: int):
-    """The process group of ``group_size`` consecutive ranks holding this
-    rank, created once per default group and reused by every layer.
-
-    Like Apex's ``create_syncbn_process_group``: the world is split into
-    ``world_size / group_size`` groups of consecutive ranks. Every rank must
-    make the first call (it creates all the groups collectively).
-    """
-    world_size = dist.get_world_size()
-    if world_size % group_size:
-        raise ValueError(f'MMSyncBN group_size={group_size} must divide the '
-                         f'world size, which is {world_size}')
-    world = dist.group.WORLD
-    cached = _subgroups.get(group_size)
-    if cached is None or cached[0] is not world:
-        # A new default group (destroyed and initialized again) gets new
-        # sub-groups.
-        cached = (world, dist.new_subgroups(group_size)[0])
-        _subgroups[group_size] = cached
-    return cached[1]
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -297,17 +163,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # An ONNX export replaces this function by its symbolic node; the
         # traced run only needs local values.
         if group_size > 1 and not torch.onnx.is_in_onnx_export():
-            stats = _group_sum(stats, group, group_size, 'forward statistics')
-        # Only a rank holding at most one value can be in a group holding
-        # exactly one; reading the count back is then cheap and rare.
-        if count <= 1 and int(stats[1].item()) == 1:
+            stats = gather_rows(stats, group, group_size, 'forward statistics')
+        elif count == 1:
+            # Alone, this rank knows without reading the device; a group
+            # holding one value in all is caught by finalize (an error on
+            # CPU, a device-side assertion on CUDA: no host sync).
             raise ValueError('Expected more than 1 value per channel when '
                              'training, got input size '
-                             f'{tuple(input.shape)} on this rank and 1 value '
-                             f'per channel in the whole group of '
-                             f'{group_size}')
-        # mean and invstd stay float64 (O(C)): the kernels split the mean
-        # into hi + lo parts so that x - mean is exact when mean >> std.
+                             f'{tuple(input.shape)}')
+        # Merges the ranks' rows in rank order. mean and invstd stay float64
+        # (O(C)): the kernels split the mean into hi + lo parts so that
+        # x - mean is exact when mean >> std.
         mean, invstd, scale = ext_module.sync_bn_forward_finalize(
             stats, running_mean, running_var, num_batches_tracked, momentum,
             eps, count, by_count, torch.float64)
@@ -333,8 +199,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                                                   invstd, weight, bias,
                                                   ctx.relu)
         if ctx.group_size > 1:
-            sums = _group_sum(sums, ctx.group, ctx.group_size,
-                              'backward gradient sums')
+            sums = group_sum(sums, ctx.group, ctx.group_size,
+                             'backward gradient sums')
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = ext_module.sync_bn_backward_data(

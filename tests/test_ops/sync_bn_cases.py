@@ -7,6 +7,7 @@ concatenated batch ('N' mode, or any mode with equal splits), or, for
 'default' mode with unequal splits, mmcv's rank-weighted statistics written
 directly with autograd in float64.
 """
+import contextlib
 import itertools
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
@@ -29,6 +30,19 @@ SAMPLE_SHAPES = {2: (), 3: (5, ), 4: (3, 4), 5: (2, 3, 2)}
 COLLECTIVES = ('all_reduce', 'all_gather', 'all_gather_into_tensor',
                'all_gather_single', 'reduce_scatter', 'reduce_scatter_tensor',
                'broadcast', 'reduce', 'all_to_all', 'barrier')
+
+
+@contextlib.contextmanager
+def no_compile_cache():
+    """torch.compile without inductor's and AOTAutograd's on-disk caches:
+    their keys do not cover a custom op's fake kernel, so a graph compiled
+    against another build of mmsync._ext (another statistics size, in this
+    checkout or another one on the machine) would be reused."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(fx_graph_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
+        yield
 
 
 @dataclass
@@ -192,9 +206,7 @@ def check_case(case: Case,
     n_local = case.splits[rank]
     failures = []
 
-    # The float64 cross-rank combine of E[x^2] - mean^2 loses about
-    # (mean / std)^2 units of float64 rounding; it matters for float64 only.
-    floor = max(FLOOR[case.dtype], 2.0**-50 * (case.offset / 2)**2)
+    floor = FLOOR[case.dtype]
 
     def expect(what, got, want, want_low, step):
         tol = max(

@@ -3,7 +3,7 @@ import pytest
 from dist_utils import run_distributed
 from sync_bn_cases import check_case, run_cases, standard_cases
 
-from mmsync.ops import sync_bn
+from mmsync.ops import sync_bn_comm
 
 
 @pytest.mark.parametrize(
@@ -14,9 +14,9 @@ def test_world_one(case):
 
 
 def _run_cases_summing_by(rank, world_size, cases, gather_max_ranks):
-    """run_cases with the group sums made by all_gather (groups up to
-    ``gather_max_ranks``) or by all_reduce."""
-    sync_bn.GATHER_MAX_RANKS = gather_max_ranks
+    """run_cases with the backward group sums made by all_gather (groups up
+    to ``gather_max_ranks``) or by all_reduce; the forward always gathers."""
+    sync_bn_comm.GATHER_MAX_RANKS = gather_max_ranks
     return run_cases(rank, world_size, cases)
 
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from dist_utils import run_distributed
+from sync_bn_cases import no_compile_cache
 from torch.library import opcheck
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -81,19 +82,21 @@ class TestOps:
                     (dy, x, mean, invstd, None, None, sums, scale, relu))
 
     def test_stats_buffer(self):
-        """The packed buffer holds [w, n, w*mean, w*(var + mean^2)]."""
+        """The packed row holds [w, n, shift, mean - shift, M2]: shift is
+        the channel's first value, M2 = n * var."""
         x = torch.randn(5, 2, 7, dtype=torch.float64) * 3 + 1
+        shift = x[0, :, 0]
         mean = x.mean((0, 2))
         var = x.var((0, 2), unbiased=False)
         for by_count, w in ((True, 35.0), (False, 1.0)):
             stats = ops.sync_bn_forward_stats(x, by_count)
             want = torch.cat([
-                torch.tensor([w, 35.0], dtype=torch.float64), w * mean,
-                w * (var + mean**2)
+                torch.tensor([w, 35.0], dtype=torch.float64), shift,
+                mean - shift, 35 * var
             ])
             torch.testing.assert_close(stats, want, rtol=1e-12, atol=1e-12)
         empty = ops.sync_bn_forward_stats(x[:0], True)
-        assert empty.tolist() == [0.0] * 6
+        assert empty.tolist() == [0.0] * 8
 
     def test_stats_large_planes_and_rows(self):
         """Chunked planes and row groups merge to the exact moments."""
@@ -108,12 +111,31 @@ class TestOps:
             dims = [0] + list(range(2, x.dim()))
             x64 = x.double()
             torch.testing.assert_close(
-                stats[2:2 + C] / stats[0], x64.mean(dims), rtol=0, atol=1e-6)
+                stats[2:2 + C] + stats[2 + C:2 + 2 * C],
+                x64.mean(dims),
+                rtol=0,
+                atol=1e-6)
             torch.testing.assert_close(
-                stats[2 + C:] / stats[0] - (stats[2:2 + C] / stats[0])**2,
+                stats[2 + 2 * C:] / stats[1],
                 x64.var(dims, unbiased=False),
                 rtol=1e-5,
                 atol=1e-6)
+
+    def test_strided_2d_input_reads_as_rows(self):
+        """A 2-D input with strided channels is copied to (N, C) rows once:
+        the same kernels, so the same bits, as its contiguous copy."""
+
+        def forward(x):
+            stats = ops.sync_bn_forward_stats(x, True)
+            mean, invstd, _ = ops.sync_bn_forward_finalize(
+                stats, None, None, None, 0.1, 1e-5, 40, True, torch.float64)
+            return stats, ops.sync_bn_forward_output(x, mean, invstd, None,
+                                                     None, False)
+
+        strided = (torch.randn(40, 26) * 3 + 1)[:, ::2]
+        assert not strided.is_contiguous()
+        for got, want in zip(forward(strided), forward(strided.contiguous())):
+            assert torch.equal(got, want)
 
     def test_bad_op_arguments(self):
         x = torch.randn(4, 3, 5)
@@ -128,6 +150,19 @@ class TestOps:
             ops.sync_bn_forward_finalize(
                 torch.zeros(5), None, None, None, 0.1, 1e-5, 1, True,
                 torch.float64)
+        with pytest.raises(RuntimeError, match=r'\(R, 3C\+2\) rows'):
+            ops.sync_bn_forward_finalize(
+                torch.zeros(2, 2, 7, dtype=torch.float64), None, None, None,
+                0.1, 1e-5, 1, True, torch.float64)
+        one = ops.sync_bn_forward_stats(torch.randn(1, 3), True)
+        empty = ops.sync_bn_forward_stats(torch.randn(0, 3), True)
+        with pytest.raises(
+                ValueError,
+                match='1 value per channel in the '
+                'whole group of 2 ranks'):
+            ops.sync_bn_forward_finalize(
+                torch.stack([empty, one]), None, None, None, 0.1, 1e-5, 0,
+                True, torch.float64)
 
 
 class TestModule:
@@ -280,6 +315,7 @@ class TestModule:
         assert layer.num_batches_tracked.item() == 4
 
     def test_torch_compile_fullgraph(self):
+        torch.manual_seed(0)
         model = nn.Sequential(
             nn.Conv2d(3, 8, 3), SyncBatchNorm(8, act='relu'),
             nn.Conv2d(8, 4, 1), SyncBatchNorm(4, stats_mode='N'))
@@ -287,9 +323,10 @@ class TestModule:
         x = torch.randn(4, 3, 10, 10)
         want = model(x)
         want.square().sum().backward()
-        compiled = torch.compile(compiled_model, fullgraph=True)
-        got = compiled(x)
-        got.square().sum().backward()
+        with no_compile_cache():
+            compiled = torch.compile(compiled_model, fullgraph=True)
+            got = compiled(x)
+            got.square().sum().backward()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         for p, q in zip(compiled_model.parameters(), model.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)

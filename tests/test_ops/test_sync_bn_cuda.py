@@ -1,7 +1,8 @@
 """MMSyncBN's CUDA kernels on a GPU, against F.batch_norm over the whole batch.
 
 Skipped, with the reason shown, where there is no CUDA GPU or mmsync was
-built without its CUDA kernels; ``test_sync_bn_cuda_emulated.py`` runs the
+built without its CUDA kernels (with a GPU, mmsync failing to import is a
+collection error, never a skip); ``test_sync_bn_cuda_emulated.py`` runs the
 same kernels on the CPU. The oracle is ``F.batch_norm`` in float64 (on the
 CPU) over the concatenated global batch: output, grad_input, grad_weight,
 grad_bias, running statistics; for every dim (2..5), NCHW and channels_last,
@@ -18,23 +19,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from sync_bn_cuda_cases import DTYPES, OpCase, compare, geometries, run_case
 
-
-def _cuda_kernels_built() -> bool:
-    try:
-        import mmsync.ops  # noqa: F401
-    except ImportError:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        'mmsync::sync_bn_forward_stats', 'CUDA')
-
-
 if not torch.cuda.is_available():
     _SKIP = 'no CUDA GPU (torch.cuda.is_available() is False)'
-elif not _cuda_kernels_built():
-    _SKIP = ('mmsync._ext has no CUDA kernels: rebuild with a CUDA torch '
-             'and nvcc (FORCE_CUDA=1 python setup.py build_ext --inplace)')
 else:
-    _SKIP = ''
+    # With a GPU, mmsync must import: a missing dependency or a broken build
+    # is an error of this module, never a skip that passes.
+    import mmsync.ops  # noqa: F401
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(
+            'mmsync::sync_bn_forward_stats', 'CUDA'):
+        _SKIP = ('mmsync._ext has no CUDA kernels: rebuild with a CUDA torch '
+                 'and nvcc (FORCE_CUDA=1 python setup.py build_ext --inplace)')
+    else:
+        _SKIP = ''
 pytestmark = pytest.mark.skipif(bool(_SKIP), reason=_SKIP)
 
 ALL_DTYPES = ('float32', 'float16', 'bfloat16', 'float64')
@@ -100,6 +96,21 @@ def test_ops_benchmark_sizes(shape, layout, dtype):
         OpCase(shape, layout=layout, dtype=dtype, relu=True, offset=50.0),
         'cuda')
     assert failures == [], '\n'.join(failures)
+
+
+@pytest.mark.parametrize('layout', ('contiguous', 'channels_last'))
+def test_ops_more_than_65535_channels(layout):
+    """70000 channels: PLANAR reduction grids (65535 channels at most in
+    grid y) loop over the rest; ROWS tiles them. Two ranks, one holding
+    one sample."""
+    failures = run_case(
+        _ops(),
+        OpCase((3, 70000, 3),
+               splits=[1, 2],
+               layout=layout,
+               relu=True,
+               name=f'70000 channels,{layout}'), 'cuda')
+    assert failures == [], '\n'.join(failures[:20])
 
 
 # --------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_empty_batch_everywhere(emu):
     emu.emu_config(3, 1)
     x = torch.empty(0, 3, 4, 4)
     stats = emu.sync_bn_forward_stats(x, True)
-    assert torch.equal(stats, torch.zeros(8, dtype=torch.float64))
+    assert torch.equal(stats, torch.zeros(11, dtype=torch.float64))
     rm, rv = torch.randn(3), torch.rand(3) + 0.5
     rm0, rv0 = rm.clone(), rv.clone()
     mean, invstd, scale = emu.sync_bn_forward_finalize(stats, rm, rv,
@@ -261,3 +261,32 @@ def test_every_kernel_instance_runs(emu):
             want.add(f'finalize_kernel<{acc},{run}>')
     missing = sorted(want - ran)
     assert missing == [], f'kernel instances never run: {missing}'
+
+
+def _widths(trace, kernel):
+    """Vector widths V of ``kernel<..., V>`` launches in an emulator trace."""
+    return {int(v) for v in re.findall(rf'{kernel}<[^>]*,\s*(\d+)>', trace)}
+
+
+def test_non_contiguous_2d_takes_rows_path(emu):
+    """A 2-D input with strided channels is copied to contiguous (N, C):
+    rows of C channels, read by the ROWS kernels, not planes of 1 value."""
+    emu.emu_config(3, 1)
+    emu.emu_trace()
+    _check(emu, OpCase((6, 8), layout='strided', relu=True))
+    trace = emu.emu_trace()
+    assert 'stats_rows_kernel' in trace and 'data_rows_kernel' in trace
+    assert 'planar_kernel' not in trace, trace
+
+
+@pytest.mark.parametrize('channels, width', [(16, 8), (12, 4), (6, 1), (7, 1)])
+def test_16_bit_vector_widths(emu, channels, width):
+    """float16 ROWS kernels read 8, 4 or 1 values at once: the widest of
+    those that divides C (no 2-wide choice that runs as 1)."""
+    emu.emu_config(3, 1)
+    emu.emu_trace()
+    _check(emu, OpCase((5, channels), dtype='float16'))
+    trace = emu.emu_trace()
+    for kernel in ('stats_rows_kernel', 'output_rows_kernel',
+                   'reduce_rows_kernel', 'data_rows_kernel'):
+        assert _widths(trace, kernel) == {width}, (kernel, trace)

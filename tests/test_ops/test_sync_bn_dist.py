@@ -13,10 +13,11 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from dist_utils import free_port, join_group, run_distributed
+from sync_bn_cases import no_compile_cache
 
 from mmsync.cnn import build_norm_layer
 from mmsync.ops import SyncBatchNorm
-from mmsync.ops.sync_bn import _subgroups, sync_subgroup
+from mmsync.ops.sync_bn_comm import _subgroups, sync_subgroup
 
 
 def _global_bn(x, dy):
@@ -105,8 +106,9 @@ def _compile_world(rank, world_size):
     x = torch.randn(4 + 2 * rank, 3, 10, 10, dtype=torch.float64)
     want = model(x)
     want.square().sum().backward()
-    got = torch.compile(compiled_model, fullgraph=True)(x)
-    got.square().sum().backward()
+    with no_compile_cache():
+        got = torch.compile(compiled_model, fullgraph=True)(x)
+        got.square().sum().backward()
     errors = [(got - want).abs().max().item()]
     for p, q in zip(compiled_model.parameters(), model.parameters()):
         errors.append((p.grad - q.grad).abs().max().item())
@@ -125,8 +127,9 @@ def _compile_world(rank, world_size):
 
     backend = aot_autograd(
         fw_compiler=counting('forward'), bw_compiler=counting('backward'))
-    torch.compile(counted_model, fullgraph=True, backend=backend)(x).sum()\
-        .backward()
+    with no_compile_cache():
+        torch.compile(counted_model, fullgraph=True, backend=backend)(x)\
+            .sum().backward()
     explained = torch._dynamo.explain(copy.deepcopy(model))(x)
     return (max(errors), collectives, explained.graph_count,
             explained.graph_break_count)

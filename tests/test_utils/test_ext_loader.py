@@ -10,7 +10,7 @@ def test_resolves_ops_by_name():
     ext = load_ext('_ext', ['sync_bn_forward_stats', 'sync_bn_forward_output'])
     assert ext.sync_bn_forward_stats is torch.ops.mmsync.sync_bn_forward_stats
     stats = ext.sync_bn_forward_stats(torch.ones(2, 3), True)
-    assert stats.shape == (8, )
+    assert stats.shape == (11, )  # [w, n, shift, mean, M2] for C = 3
 
 
 def test_missing_names_are_listed_together():

@@ -31,6 +31,11 @@
 #define __shared__ static
 #define __align__(n) alignas(n)
 #define __launch_bounds__(...)
+// A failed device-side assertion: raised from the launch here.
+#define MMSYNC_DEVICE_ASSERT(cond, msg) \
+  do {                                  \
+    if (!(cond)) throw std::runtime_error(msg); \
+  } while (0)
 
 struct uint3 {
   unsigned x, y, z;

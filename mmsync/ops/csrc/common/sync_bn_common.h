@@ -1,6 +1,6 @@
 // Per-channel math shared by the CPU and CUDA backends of the sync_bn ops:
-// Chan's merge of (count, mean, M2) and the O(C) finalize step that turns the
-// all-reduced packed statistics into mean / invstd / running-stat updates.
+// Chan's merge of (count, mean, M2) and the O(C) finalize step that merges
+// the ranks' gathered statistics into mean / invstd / running-stat updates.
 #pragma once
 
 #include <cmath>
@@ -13,12 +13,22 @@
 
 namespace mmsync {
 
-// Layout of the packed statistics buffer (float64, 2 * C + 2 entries) that
-// one all_reduce sums across ranks: [weight, count, weight * mean[C],
-// weight * (var + mean^2)[C]], var being the local biased variance. The
-// weight is the local count in 'N' mode and 1 (0 for an empty rank) in
-// 'default' mode, so the summed buffer gives the weighted global moments.
+// Layout of one rank's packed statistics (float64, 3 * C + 2 entries):
+// [weight, count, shift[C], mean[C], M2[C]]: the rank's mean is shift + mean
+// (shift: one of its values of the channel, mean relative to it) and M2 the
+// sum of its squared deviations. The weight is the count in 'N' mode and 1
+// (0 for an empty rank) in 'default' mode. The forward gathers every rank's
+// row and merge_rows combines them in rank order relative to the first
+// non-empty rank's shift: no E[x^2] - mean^2, which cancels when mean >> std,
+// and no difference of two means rounded at the offset's magnitude.
 constexpr int kStatsHeader = 2;
+constexpr int kStatsFields = 3;
+
+// F.batch_norm's error for a group holding one value per channel in
+// training, raised by the finalize of every backend.
+#define MMSYNC_ONE_VALUE_ERROR                                    \
+  "Expected more than 1 value per channel when training, got 1 " \
+  "value per channel in the whole group"
 
 // Merges the partial moments (nb, mean_b, m2_b) into (n, mean, m2).
 template <typename T>
@@ -33,29 +43,48 @@ MMSYNC_HOST_DEVICE void chan_merge(T& n, T& mean, T& m2, T nb, T mean_b,
   n = n_ab;
 }
 
-// Global mean and biased variance of channel c from the reduced buffer.
-MMSYNC_HOST_DEVICE void packed_moments(const double* stats, long long C,
-                                       long long c, double& mean,
-                                       double& var) {
-  const double weight = stats[0];
-  if (weight <= 0.0) {
-    mean = 0.0;
-    var = 0.0;
-    return;
+// Total weight and count of `rows` gathered rows of 3C+2 entries.
+MMSYNC_HOST_DEVICE void group_totals(const double* stats, long long rows,
+                                     long long C, double& weight,
+                                     double& count) {
+  weight = 0.0;
+  count = 0.0;
+  for (long long r = 0; r < rows; ++r) {
+    weight += stats[r * (kStatsFields * C + kStatsHeader)];
+    count += stats[r * (kStatsFields * C + kStatsHeader) + 1];
   }
-  mean = stats[kStatsHeader + c] / weight;
-  const double second = stats[kStatsHeader + C + c] / weight;
-  var = second - mean * mean;
-  var = var > 0.0 ? var : 0.0;
+}
+
+// Weighted mean and biased variance of channel c over `rows` gathered rows,
+// merged by Chan's formula in rank order (the same bits on every rank). A
+// row weighs w with the rank's mean and w * M2 / n: its biased variance
+// counted w times.
+MMSYNC_HOST_DEVICE void merge_rows(const double* stats, long long rows,
+                                   long long C, long long c, double& mean,
+                                   double& var) {
+  double w = 0.0, rel = 0.0, m2 = 0.0, base = 0.0;
+  for (long long r = 0; r < rows; ++r) {
+    const double* row = stats + r * (kStatsFields * C + kStatsHeader);
+    const double wr = row[0], nr = row[1];
+    if (wr <= 0.0 || nr <= 0.0) continue;
+    const double shift = row[kStatsHeader + c];
+    if (w == 0.0) base = shift;
+    const double m2r = row[kStatsHeader + 2 * C + c];
+    chan_merge(w, rel, m2, wr, (shift - base) + row[kStatsHeader + C + c],
+               wr == nr ? m2r : wr * (m2r / nr));
+  }
+  mean = base + rel;
+  var = w > 0.0 ? m2 / w : 0.0;
 }
 
 // Scale a of the backward formula dx = w*invstd*(dy - a*(sum_dy +
-// xhat*sum_dy_xhat)): 1/N_total in 'N' mode, 1/(W*n_local) in 'default'.
-MMSYNC_HOST_DEVICE double grad_scale(const double* stats, long long count,
-                                     bool weight_by_count) {
+// xhat*sum_dy_xhat)): 1/N_total in 'N' mode, 1/(W*n_local) in 'default',
+// from the group's total weight W and count N.
+MMSYNC_HOST_DEVICE double grad_scale(double weight, double total,
+                                     long long count, bool weight_by_count) {
   if (count <= 0) return 0.0;
-  if (weight_by_count) return stats[1] > 0.0 ? 1.0 / stats[1] : 0.0;
-  return stats[0] > 0.0 ? 1.0 / (stats[0] * double(count)) : 0.0;
+  if (weight_by_count) return total > 0.0 ? 1.0 / total : 0.0;
+  return weight > 0.0 ? 1.0 / (weight * double(count)) : 0.0;
 }
 
 // Factor of the running-stat update: momentum, or 1/num_batches_tracked for

@@ -4,9 +4,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mmsync, m) {
-  // Local statistics in one pass, packed for one all_reduce (float64, 2C+2).
+  // Local statistics in one pass, packed as one row of the forward all_gather
+  // (float64, 3C+2: weight, count, shift, mean, M2; sync_bn_common.h).
   m.def("sync_bn_forward_stats(Tensor input, bool weight_by_count) -> Tensor");
-  // Reduced statistics -> (mean, invstd, grad_scale); updates running stats.
+  // The ranks' gathered rows (R, 3C+2), merged in rank order -> (mean, invstd,
+  // grad_scale); updates running stats.
   m.def(
       "sync_bn_forward_finalize(Tensor stats, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor? num_batches_tracked, float? momentum, "

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include "../common/sync_bn_common.h"
+
 namespace mmsync {
 
 enum class Layout { kPlanar, kRows };
@@ -45,10 +47,13 @@ inline Geometry kernel_input(const at::Tensor& input, at::Tensor* out) {
   Layout layout = Layout::kPlanar;
   *out = input;
   if (!(spatial > 1 && input.is_contiguous())) {
-    if (is_rows_layout(input))
+    if (is_rows_layout(input)) {
       layout = Layout::kRows;
-    else
+    } else {
       *out = input.contiguous();
+      // Contiguous with one value per plane (2-D): rows of C channels.
+      if (spatial == 1) layout = Layout::kRows;
+    }
   }
   return Geometry{input.size(0), input.size(1), spatial, layout};
 }
@@ -98,15 +103,20 @@ inline at::Tensor channel_vector(const at::Tensor& t, const char* name,
   return t.to(dtype).contiguous();
 }
 
-// Checks the packed statistics buffer of sync_bn_forward_stats (float64,
-// 2C + 2 entries) and returns C.
-inline int64_t stats_channels(const at::Tensor& stats) {
-  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 1 &&
-                  stats.size(0) >= 2 && stats.size(0) % 2 == 0,
-              "sync_bn_forward_finalize: stats must be the float64 (2C+2,) "
-              "buffer of sync_bn_forward_stats, got ",
+// Checks the statistics given to sync_bn_forward_finalize: one rank's
+// float64 (3C+2,) row of sync_bn_forward_stats, or the (R, 3C+2) rows of a
+// group of R ranks. Returns C and sets *rows to R.
+inline int64_t stats_channels(const at::Tensor& stats, int64_t* rows) {
+  TORCH_CHECK(stats.scalar_type() == at::kDouble &&
+                  (stats.dim() == 1 || stats.dim() == 2) &&
+                  stats.size(-1) >= kStatsHeader &&
+                  (stats.size(-1) - kStatsHeader) % kStatsFields == 0,
+              "sync_bn_forward_finalize: stats must be the float64 (3C+2,) "
+              "row of sync_bn_forward_stats or (R, 3C+2) rows of R ranks, "
+              "got ",
               stats.scalar_type(), " ", stats.sizes());
-  return (stats.size(0) - 2) / 2;
+  *rows = stats.dim() == 2 ? stats.size(0) : 1;
+  return (stats.size(-1) - kStatsHeader) / kStatsFields;
 }
 
 // Whether running_mean and running_var are both given to

@@ -14,7 +14,8 @@ namespace cuda {
 // shift being the channel's first element: the float32 moments then keep
 // their precision relative to the spread, not to |mean| (mean >> std). The
 // partials ([3][splits][C]: n, mean, M2, then shift[C]) are merged by
-// stats_merge_kernel; a grid of one split writes the packed buffer directly.
+// stats_merge_kernel; a grid of one split writes the packed row (mean, M2)
+// directly.
 
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
@@ -46,8 +47,7 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
     block_welford(n, mean, m2);
     if (threadIdx.x == 0) {
       if (splits == 1) {
-        write_packed(packed, C, c, weight, double(n),
-                     double(shift) + double(mean), double(m2));
+        write_packed(packed, C, c, double(shift), double(mean), double(m2));
       } else {
         partial[blockIdx.x * C + c] = n;
         partial[(splits + blockIdx.x) * C + c] = mean;
@@ -68,6 +68,9 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
                       int64_t rows_per_block, acc_t* __restrict__ partial,
                       double* __restrict__ packed, double weight,
                       double count) {
+  // Rows in flight: with 8-wide vectors, 2 of them leave register headroom
+  // under the kMinReduceBlocks bound (4 used 122 of 128).
+  constexpr int U = V >= 8 ? 2 : kUnroll;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);
   constexpr int kState = 2 * V + 1;  // n, mean[V], m2[V]
@@ -89,18 +92,18 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
       const scalar_t* base = x + cv * V;
 #pragma unroll
       for (int j = 0; j < V; ++j) shift[j] = acc_t(base[j]);
-      for (int64_t r = lo + ty; r < hi; r += int64_t(by) * kUnroll) {
-        Pack<scalar_t, V> p[kUnroll];
+      for (int64_t r = lo + ty; r < hi; r += int64_t(by) * U) {
+        Pack<scalar_t, V> p[U];
         int valid = 0;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
+        for (int u = 0; u < U; ++u) {
           const int64_t rr = r + int64_t(u) * by;
           if (rr < hi) {
             p[u] = load_pack<V>(base + rr * C);
             ++valid;
           }
         }
-        welford_add_rows<kUnroll, V>(n, mean, m2, p, valid, shift);
+        welford_add_rows<U, V>(n, mean, m2, p, valid, shift);
       }
     }
     // Tree over the block's rows of threads (any blockDim.y): the upper
@@ -140,8 +143,8 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
       for (int j = 0; j < V; ++j) {
         const int64_t c = cv * V + j;
         if (splits == 1) {
-          write_packed(packed, C, c, weight, double(n),
-                       double(shift[j]) + double(mean[j]), double(m2[j]));
+          write_packed(packed, C, c, double(shift[j]), double(mean[j]),
+                       double(m2[j]));
         } else {
           partial[blockIdx.x * C + c] = n;
           partial[(splits + blockIdx.x) * C + c] = mean[j];
@@ -177,8 +180,8 @@ __global__ void __launch_bounds__(kThreads)
                  double(partial[(2 * splits + j) * C + c]));
     warp_welford(n, mean, m2);
     if (lane == 0)
-      write_packed(packed, C, c, weight, n,
-                   double(partial[3 * splits * C + c]) + mean, m2);
+      write_packed(packed, C, c, double(partial[3 * splits * C + c]), mean,
+                   m2);
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     packed[0] = weight;
@@ -187,20 +190,23 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------
-// Finalize: the all-reduced packed buffer -> mean, invstd (out_t), the scale
-// of the backward formula, and the running-stat update, all on the device:
-// no host read, so the step stays asynchronous and graph-capturable.
+// Finalize: the gathered rows of the group's ranks -> mean, invstd (out_t),
+// the scale of the backward formula, and the running-stat update, all on the
+// device: no host read, so the step stays asynchronous and graph-capturable.
+// A group holding one value per channel fails a device-side assertion.
 
 template <typename out_t, typename run_t>
 __global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const double* __restrict__ stats, int64_t C, double eps,
-                    int64_t count, bool weight_by_count,
+    finalize_kernel(const double* __restrict__ stats, int64_t rows, int64_t C,
+                    double eps, int64_t count, bool weight_by_count,
                     run_t* __restrict__ running_mean,
                     run_t* __restrict__ running_var,
                     const int64_t* __restrict__ tracked, bool has_momentum,
                     double momentum, out_t* __restrict__ mean,
                     out_t* __restrict__ invstd, out_t* __restrict__ scale) {
-  const double total = stats[1];
+  double weight, total;
+  group_totals(stats, rows, C, weight, total);
+  MMSYNC_DEVICE_ASSERT(total != 1.0, MMSYNC_ONE_VALUE_ERROR);
   const bool update = running_mean != nullptr && total > 0.0;
   double f = 0.0;
   if (update)
@@ -211,7 +217,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
        c += stride) {
     double m, v;
-    packed_moments(stats, C, c, m, v);
+    merge_rows(stats, rows, C, c, m, v);
     mean[c] = out_t(m);
     invstd[c] = out_t(1.0 / sqrt(v + eps));
     if (update) {
@@ -221,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (blockIdx.x == 0 && threadIdx.x == 0)
-    scale[0] = out_t(grad_scale(stats, count, weight_by_count));
+    scale[0] = out_t(grad_scale(weight, total, count, weight_by_count));
 }
 
 // ---------------------------------------------------------------------------
@@ -262,9 +268,155 @@ struct AffineConsts : ChannelConsts<acc_t> {
   }
 };
 
+// The two elementwise passes (output, grad input) share the walks below and
+// differ only in their Op: load(u, offset) fetches the u-th vector (of U in
+// flight), channel(c) / channels(c0) load per-channel constants, apply(u, j,
+// slot) transforms element j of vector u in place with the constants of
+// `slot`, store(u, offset) writes it, scalar(e) handles one element.
+// Every load of a batch is issued before any use: U 16-byte vectors per
+// tensor in flight per thread, without more resident blocks.
+
 // PLANAR, flat: thread t visits vectors t, t + grid, ... of the whole tensor
 // and tracks their channel incrementally; a vector that spans two planes
 // (S % V != 0) is handled element by element.
+template <int V, int U, typename Op>
+__device__ __forceinline__ void flat_walk(Op& op, int64_t numel, int64_t C,
+                                          int64_t S, const FlatStep& st) {
+  const int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t body = numel - numel % V;
+  int64_t i = tid * V, s = 0, c = 0;
+  if (i < body) {
+    const int64_t p = i / S;
+    s = i - p * S;
+    c = p % C;
+  }
+  int64_t loaded = -1;
+  while (i < body) {
+    int64_t iu[U], su[U], cu[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      iu[u] = i;
+      su[u] = s;
+      cu[u] = c;
+      if (i < body) op.load(u, i);
+      i += st.step;
+      s += st.ds;
+      c += st.dc;
+      if (s >= S) {
+        s -= S;
+        ++c;
+      }
+      if (c >= C) c -= C;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (iu[u] >= body) break;
+      if (su[u] + V <= S) {
+        if (cu[u] != loaded) {
+          op.channel(cu[u]);
+          loaded = cu[u];
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) op.apply(u, j, 0);
+      } else {
+        int64_t sj = su[u], cj = cu[u];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          if (sj == S) {
+            sj = 0;
+            cj = cj + 1 == C ? 0 : cj + 1;
+          }
+          if (cj != loaded) {
+            op.channel(cj);
+            loaded = cj;
+          }
+          op.apply(u, j, 0);
+          ++sj;
+        }
+      }
+      op.store(u, iu[u]);
+    }
+  }
+  // The last numel % V (< V) elements, one per thread of the first block.
+  if (tid < numel - body) {
+    const int64_t e = body + tid;
+    op.channel((e / S) % C);
+    op.scalar(e);
+  }
+}
+
+// ROWS: thread (tx, ty) owns channels [V*cv, V*cv + V), keeps their
+// constants in registers and walks rows ty, ty + by, ..., U at a time.
+template <int V, int U, typename Op>
+__device__ __forceinline__ void rows_walk(Op& op, int64_t M, int64_t C) {
+  const int64_t Cv = C / V;
+  const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
+  for (int64_t cv = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; cv < Cv;
+       cv += int64_t(gridDim.y) * blockDim.x) {
+    op.channels(cv * V);
+    for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < M;
+         r += row_step * U) {
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (r + u * row_step < M) op.load(u, (r + u * row_step) * C + cv * V);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (r + u * row_step >= M) break;
+#pragma unroll
+        for (int j = 0; j < V; ++j) op.apply(u, j, j);
+        op.store(u, (r + u * row_step) * C + cv * V);
+      }
+    }
+  }
+}
+
+// What both passes read besides their tensors: the input and the per-channel
+// vectors of the forward.
+template <typename scalar_t, typename acc_t>
+struct PassInputs {
+  const scalar_t* __restrict__ x;
+  const double* __restrict__ mean;
+  const double* __restrict__ invstd;
+  const acc_t* __restrict__ weight;
+  const acc_t* __restrict__ bias;
+  bool relu;
+};
+
+// Output: y = (x - mean) * k + b, optionally max(y, 0). K: constant slots
+// (1 for the flat walk, V for the rows walk).
+template <typename scalar_t, typename acc_t, int V, int U, int K>
+struct OutputOp : PassInputs<scalar_t, acc_t> {
+  scalar_t* __restrict__ y;
+  AffineConsts<acc_t> k[K];
+  Pack<scalar_t, V> xv[U];
+
+  __device__ __forceinline__ void channel(int64_t c) {
+    k[0].load(c, this->mean, this->invstd, this->weight, this->bias);
+  }
+  __device__ __forceinline__ void channels(int64_t c0) {
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+      k[j].load(c0 + j, this->mean, this->invstd, this->weight, this->bias);
+  }
+  __device__ __forceinline__ void load(int u, int64_t i) {
+    xv[u] = load_pack<V>(this->x + i);
+  }
+  __device__ __forceinline__ void apply(int u, int j, int slot) {
+    xv[u].v[j] = k[slot].apply(xv[u].v[j], this->relu);
+  }
+  __device__ __forceinline__ void store(int u, int64_t i) {
+    store_pack<V>(y + i, xv[u]);
+  }
+  __device__ __forceinline__ void scalar(int64_t e) {
+    y[e] = k[0].apply(this->x[e], this->relu);
+  }
+};
+
+// Vectors of one tensor in flight per thread: the output pass reads one
+// tensor, the grad-input pass two.
+constexpr int kOutputUnroll = 4;
+constexpr int kDataUnroll = 2;
+
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     output_planar_kernel(const scalar_t* __restrict__ x,
@@ -274,62 +426,11 @@ __global__ void __launch_bounds__(kThreads)
                          const double* __restrict__ invstd,
                          const acc_t* __restrict__ weight,
                          const acc_t* __restrict__ bias, bool relu) {
-  const int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t body = numel - numel % V;
-  int64_t i = tid * V;
-  int64_t s = 0, c = 0;
-  if (i < body) {
-    const int64_t p = i / S;
-    s = i - p * S;
-    c = p % C;
-  }
-  AffineConsts<acc_t> k;
-  int64_t loaded = -1;
-  for (; i < body; i += st.step) {
-    const Pack<scalar_t, V> xv = load_pack<V>(x + i);
-    Pack<scalar_t, V> yv;
-    if (s + V <= S) {
-      if (c != loaded) {
-        k.load(c, mean, invstd, weight, bias);
-        loaded = c;
-      }
-#pragma unroll
-      for (int j = 0; j < V; ++j) yv.v[j] = k.apply(xv.v[j], relu);
-    } else {
-      int64_t sj = s, cj = c;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        if (sj == S) {
-          sj = 0;
-          cj = cj + 1 == C ? 0 : cj + 1;
-        }
-        if (cj != loaded) {
-          k.load(cj, mean, invstd, weight, bias);
-          loaded = cj;
-        }
-        yv.v[j] = k.apply(xv.v[j], relu);
-        ++sj;
-      }
-    }
-    store_pack<V>(y + i, yv);
-    s += st.ds;
-    c += st.dc;
-    if (s >= S) {
-      s -= S;
-      ++c;
-    }
-    if (c >= C) c -= C;
-  }
-  // The last numel % V (< V) elements, one per thread of the first block.
-  if (tid < numel - body) {
-    const int64_t e = body + tid;
-    k.load((e / S) % C, mean, invstd, weight, bias);
-    y[e] = k.apply(x[e], relu);
-  }
+  OutputOp<scalar_t, acc_t, V, kOutputUnroll, 1> op{
+      {x, mean, invstd, weight, bias, relu}, y};
+  flat_walk<V, kOutputUnroll>(op, numel, C, S, st);
 }
 
-// ROWS: thread (tx, ty) owns channels [V*cv, V*cv + V) and keeps their
-// constants in registers while it walks rows ty, ty + by, ...
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     output_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
@@ -337,24 +438,11 @@ __global__ void __launch_bounds__(kThreads)
                        const double* __restrict__ invstd,
                        const acc_t* __restrict__ weight,
                        const acc_t* __restrict__ bias, bool relu) {
-  const int64_t Cv = C / V;
-  const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
-  for (int64_t cv = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; cv < Cv;
-       cv += int64_t(gridDim.y) * blockDim.x) {
-    AffineConsts<acc_t> k[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      k[j].load(cv * V + j, mean, invstd, weight, bias);
-    for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < M;
-         r += row_step) {
-      const int64_t off = r * C + cv * V;
-      const Pack<scalar_t, V> xv = load_pack<V>(x + off);
-      Pack<scalar_t, V> yv;
-#pragma unroll
-      for (int j = 0; j < V; ++j) yv.v[j] = k[j].apply(xv.v[j], relu);
-      store_pack<V>(y + off, yv);
-    }
-  }
+  // Wide vectors hold V constant sets already: fewer rows in flight.
+  constexpr int U = V >= 4 ? 2 : kOutputUnroll;
+  OutputOp<scalar_t, acc_t, V, U, V> op{{x, mean, invstd, weight, bias, relu},
+                                        y};
+  rows_walk<V, U>(op, M, C);
 }
 
 // ---------------------------------------------------------------------------
@@ -436,9 +524,10 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
                        const acc_t* __restrict__ weight,
                        const acc_t* __restrict__ bias, bool relu,
                        acc_t* __restrict__ partial, acc_t* __restrict__ sums) {
-  // Two tensors in flight: with 8-wide vectors, 2 of them per thread keep
-  // the registers under the kMinReduceBlocks bound.
-  constexpr int U = V >= 8 ? 2 : kUnroll;
+  // Two tensors in flight: with 8-wide vectors, one row of each (two
+  // 16-byte vectors) leaves register headroom under the kMinReduceBlocks
+  // bound (two rows used 122 of 128).
+  constexpr int U = V >= 8 ? 1 : kUnroll;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);
   constexpr int kState = 2 * V;  // s1[V], s2[V]
@@ -575,6 +664,42 @@ struct DataConsts : ChannelConsts<acc_t> {
   }
 };
 
+// Grad input, as an Op of the walks above; `a` is the scale read once from
+// device memory.
+template <typename scalar_t, typename acc_t, int V, int U, int K>
+struct DataOp : PassInputs<scalar_t, acc_t> {
+  const scalar_t* __restrict__ dy;
+  scalar_t* __restrict__ dx;
+  const acc_t* __restrict__ sums;
+  int64_t C;
+  double a;
+  DataConsts<acc_t> k[K];
+  Pack<scalar_t, V> gv[U], xv[U];
+
+  __device__ __forceinline__ void load_slot(int slot, int64_t c) {
+    k[slot].load(c, C, a, this->mean, this->invstd, this->weight, this->bias,
+                 sums);
+  }
+  __device__ __forceinline__ void channel(int64_t c) { load_slot(0, c); }
+  __device__ __forceinline__ void channels(int64_t c0) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) load_slot(j, c0 + j);
+  }
+  __device__ __forceinline__ void load(int u, int64_t i) {
+    gv[u] = load_pack<V>(dy + i);
+    xv[u] = load_pack<V>(this->x + i);
+  }
+  __device__ __forceinline__ void apply(int u, int j, int slot) {
+    gv[u].v[j] = k[slot].apply(gv[u].v[j], xv[u].v[j], this->relu);
+  }
+  __device__ __forceinline__ void store(int u, int64_t i) {
+    store_pack<V>(dx + i, gv[u]);
+  }
+  __device__ __forceinline__ void scalar(int64_t e) {
+    dx[e] = k[0].apply(dy[e], this->x[e], this->relu);
+  }
+};
+
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     data_planar_kernel(const scalar_t* __restrict__ dy,
@@ -586,59 +711,9 @@ __global__ void __launch_bounds__(kThreads)
                        const acc_t* __restrict__ bias,
                        const acc_t* __restrict__ sums,
                        const double* __restrict__ scale, bool relu) {
-  const int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t body = numel - numel % V;
-  const double a = scale[0];
-  int64_t i = tid * V;
-  int64_t s = 0, c = 0;
-  if (i < body) {
-    const int64_t p = i / S;
-    s = i - p * S;
-    c = p % C;
-  }
-  DataConsts<acc_t> k;
-  int64_t loaded = -1;
-  for (; i < body; i += st.step) {
-    const Pack<scalar_t, V> gv = load_pack<V>(dy + i);
-    const Pack<scalar_t, V> xv = load_pack<V>(x + i);
-    Pack<scalar_t, V> out;
-    if (s + V <= S) {
-      if (c != loaded) {
-        k.load(c, C, a, mean, invstd, weight, bias, sums);
-        loaded = c;
-      }
-#pragma unroll
-      for (int j = 0; j < V; ++j) out.v[j] = k.apply(gv.v[j], xv.v[j], relu);
-    } else {
-      int64_t sj = s, cj = c;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        if (sj == S) {
-          sj = 0;
-          cj = cj + 1 == C ? 0 : cj + 1;
-        }
-        if (cj != loaded) {
-          k.load(cj, C, a, mean, invstd, weight, bias, sums);
-          loaded = cj;
-        }
-        out.v[j] = k.apply(gv.v[j], xv.v[j], relu);
-        ++sj;
-      }
-    }
-    store_pack<V>(dx + i, out);
-    s += st.ds;
-    c += st.dc;
-    if (s >= S) {
-      s -= S;
-      ++c;
-    }
-    if (c >= C) c -= C;
-  }
-  if (tid < numel - body) {
-    const int64_t e = body + tid;
-    k.load((e / S) % C, C, a, mean, invstd, weight, bias, sums);
-    dx[e] = k.apply(dy[e], x[e], relu);
-  }
+  DataOp<scalar_t, acc_t, V, kDataUnroll, 1> op{
+      {x, mean, invstd, weight, bias, relu}, dy, dx, sums, C, scale[0]};
+  flat_walk<V, kDataUnroll>(op, numel, C, S, st);
 }
 
 template <typename scalar_t, typename acc_t, int V>
@@ -651,26 +726,12 @@ __global__ void __launch_bounds__(kThreads)
                      const acc_t* __restrict__ bias,
                      const acc_t* __restrict__ sums,
                      const double* __restrict__ scale, bool relu) {
-  const int64_t Cv = C / V;
-  const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
-  const double a = scale[0];
-  for (int64_t cv = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; cv < Cv;
-       cv += int64_t(gridDim.y) * blockDim.x) {
-    DataConsts<acc_t> k[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      k[j].load(cv * V + j, C, a, mean, invstd, weight, bias, sums);
-    for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < M;
-         r += row_step) {
-      const int64_t off = r * C + cv * V;
-      const Pack<scalar_t, V> gv = load_pack<V>(dy + off);
-      const Pack<scalar_t, V> xv = load_pack<V>(x + off);
-      Pack<scalar_t, V> out;
-#pragma unroll
-      for (int j = 0; j < V; ++j) out.v[j] = k[j].apply(gv.v[j], xv.v[j], relu);
-      store_pack<V>(dx + off, out);
-    }
-  }
+  // V constant sets of 6 values already: one row in flight for 8-wide
+  // vectors keeps the registers (and the resident blocks) where they were.
+  constexpr int U = V >= 8 ? 1 : kDataUnroll;
+  DataOp<scalar_t, acc_t, V, U, V> op{
+      {x, mean, invstd, weight, bias, relu}, dy, dx, sums, C, scale[0]};
+  rows_walk<V, U>(op, M, C);
 }
 
 }  // namespace cuda

@@ -9,6 +9,18 @@
 
 #include "../sync_bn_common.h"
 
+// A device-side error: the kernel stops with `msg` and the CUDA context
+// reports a device-side assertion at the next synchronization (the CPU
+// emulation of the kernels raises instead).
+#ifndef MMSYNC_DEVICE_ASSERT
+#include <cassert>
+#define MMSYNC_DEVICE_ASSERT(cond, msg)                        \
+  do {                                                         \
+    if (!(cond))                                               \
+      __assert_fail(msg, __FILE__, unsigned(__LINE__), __func__); \
+  } while (0)
+#endif
+
 namespace mmsync {
 namespace cuda {
 
@@ -207,14 +219,13 @@ __device__ __forceinline__ void block_sum2(T& a, T& b) {
   __syncthreads();
 }
 
-// Writes channel c of the packed statistics buffer (see sync_bn_common.h)
-// from its local moments.
+// Writes channel c of the packed statistics row (see sync_bn_common.h).
 __device__ __forceinline__ void write_packed(double* packed, int64_t C,
-                                             int64_t c, double weight, double n,
+                                             int64_t c, double shift,
                                              double mean, double m2) {
-  const double var = n > 0.0 ? m2 / n : 0.0;
-  packed[kStatsHeader + c] = weight * mean;
-  packed[kStatsHeader + C + c] = weight * (var + mean * mean);
+  packed[kStatsHeader + c] = shift;
+  packed[kStatsHeader + C + c] = mean;
+  packed[kStatsHeader + 2 * C + c] = m2;
 }
 
 }  // namespace cuda

@@ -87,21 +87,17 @@ Table make_table(const Tensor& input, const Tensor& mean, const Tensor& invstd,
 Tensor forward_stats_cpu(const Tensor& input_, bool weight_by_count) {
   Tensor input;
   const Geometry g = kernel_input(input_, &input);
-  Tensor stats = at::zeros({2 * g.C + kStatsHeader},
+  Tensor stats = at::zeros({kStatsFields * g.C + kStatsHeader},
                            input.options().dtype(at::kDouble));
   const int64_t count = g.rows();
   if (count == 0 || g.C == 0) return stats;
-  std::vector<double> mean(g.C), var(g.C);
-  kernels().stats(input.scalar_type(), input.const_data_ptr(), g, mean.data(),
-                  var.data());
   double* out = stats.data_ptr<double>();
-  const double w = weight_by_count ? double(count) : 1.0;
-  out[0] = w;
+  double* var = out + kStatsHeader + 2 * g.C;
+  kernels().stats(input.scalar_type(), input.const_data_ptr(), g,
+                  out + kStatsHeader, out + kStatsHeader + g.C, var);
+  out[0] = weight_by_count ? double(count) : 1.0;
   out[1] = double(count);
-  for (int64_t c = 0; c < g.C; ++c) {
-    out[kStatsHeader + c] = w * mean[c];
-    out[kStatsHeader + g.C + c] = w * (var[c] + mean[c] * mean[c]);
-  }
+  for (int64_t c = 0; c < g.C; ++c) var[c] *= double(count);  // M2
   return stats;
 }
 
@@ -111,19 +107,24 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cpu(
     const c10::optional<Tensor>& num_batches_tracked,
     c10::optional<double> momentum, double eps, int64_t count,
     bool weight_by_count, at::ScalarType dtype) {
-  const int64_t C = stats_channels(stats_);
+  int64_t rows = 1;
+  const int64_t C = stats_channels(stats_, &rows);
   const Tensor stats = stats_.contiguous();
   const double* s = stats.const_data_ptr<double>();
+  double weight, total;
+  group_totals(s, rows, C, weight, total);
+  TORCH_CHECK_VALUE(total != 1.0, MMSYNC_ONE_VALUE_ERROR, " of ", rows,
+                    " ranks");
   std::vector<double> mean(C), invstd(C), unbiased(C);
   for (int64_t c = 0; c < C; ++c) {
     double v;
-    packed_moments(s, C, c, mean[c], v);
+    merge_rows(s, rows, C, c, mean[c], v);
     invstd[c] = 1.0 / std::sqrt(v + eps);
-    unbiased[c] = unbiased_var(v, s[1]);
+    unbiased[c] = unbiased_var(v, total);
   }
   const bool has_running =
       running_stats_given(running_mean, running_var, C, stats.device());
-  if (has_running && s[1] > 0.0) {
+  if (has_running && total > 0.0) {
     const bool tracked = num_batches_tracked.has_value() &&
                          num_batches_tracked->defined();
     const double f = update_factor(
@@ -155,7 +156,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cpu(
       pi[c] = scalar_t(invstd[c]);
     }
     scale_t.data_ptr<scalar_t>()[0] =
-        scalar_t(grad_scale(s, count, weight_by_count));
+        scalar_t(grad_scale(weight, total, count, weight_by_count));
   });
   return {mean_t, invstd_t, scale_t};
 }

@@ -26,9 +26,10 @@ struct ChannelTable {
 
 struct Kernels {
   const char* name;
-  // Per-channel mean and biased variance of x.
+  // Per-channel shift (the channel's first value), mean relative to it and
+  // biased variance of x.
   void (*stats)(at::ScalarType dtype, const void* x, const Geometry& g,
-                double* mean, double* var);
+                double* shift, double* mean, double* var);
   // y = (x - mean) * scale + bias, then ReLU if asked.
   void (*output)(at::ScalarType dtype, const void* x, void* y,
                  const Geometry& g, const ChannelTable& t, bool relu);

@@ -41,11 +41,13 @@ struct Consts {
   }
 };
 
-// Mean and M2 of x[0..n) in two reads of a cache-resident span: the mean,
-// then the shifted moments, corrected by their first-order residual.
+// Mean (relative to `base`) and M2 of x[0..n) in two reads of a
+// cache-resident span: the mean, then the shifted moments, corrected by their
+// first-order residual. Relative means of one channel merge without the
+// rounding of means at the data's offset.
 template <typename scalar_t, typename acc_t>
-inline void span_moments(const scalar_t* x, int64_t n, double& mean,
-                         double& m2) {
+inline void span_moments(const scalar_t* x, int64_t n, double base,
+                         double& mean, double& m2) {
   acc_t acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -66,25 +68,26 @@ inline void span_moments(const scalar_t* x, int64_t n, double& mean,
     d1 += d;
     d2 += d * d;
   }
-  mean = double(shift) + double(d1) / double(n);
+  mean = (double(shift) - base) + double(d1) / double(n);
   m2 = double(d2) - double(d1) * double(d1) / double(n);
 }
 
 template <typename scalar_t>
-void stats_planar(const scalar_t* x, const Geometry& g, double* mean,
-                  double* var) {
+void stats_planar(const scalar_t* x, const Geometry& g, double* shift,
+                  double* mean, double* var) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = (g.S + kChunk - 1) / kChunk;
   const int64_t tasks = g.N * g.C * K;
   std::vector<double> part_mean(tasks), part_m2(tasks);
+  for (int64_t c = 0; c < g.C; ++c) shift[c] = double(x[c * g.S]);
   at::parallel_for(0, tasks, grain_for(std::min(g.S, kChunk)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t t = begin; t < end; ++t) {
                        const int64_t plane = t / K, k = t % K;
                        const int64_t len = std::min(kChunk, g.S - k * kChunk);
                        span_moments<scalar_t, acc_t>(
-                           x + plane * g.S + k * kChunk, len, part_mean[t],
-                           part_m2[t]);
+                           x + plane * g.S + k * kChunk, len,
+                           shift[plane % g.C], part_mean[t], part_m2[t]);
                      }
                    });
   at::parallel_for(0, g.C, 16, [&](int64_t begin, int64_t end) {
@@ -139,11 +142,13 @@ constexpr int64_t row_width() {
   return 256 / int64_t(sizeof(acc_t));
 }
 
-// Moments of channels [c0, c0 + W) over rows [r0, r1), W fixed at compile
-// time (accumulators in registers) or the runtime width `w` when W == 0.
+// Moments of channels [c0, c0 + W) over rows [r0, r1), means relative to
+// base[c0..], W fixed at compile time (accumulators in registers) or the
+// runtime width `w` when W == 0.
 template <int64_t W, typename scalar_t, typename acc_t>
 inline void rows_moments(const scalar_t* x, int64_t C, int64_t c0, int64_t w,
-                         int64_t r0, int64_t r1, double* mean, double* m2) {
+                         int64_t r0, int64_t r1, const double* base,
+                         double* mean, double* m2) {
   constexpr int64_t kMax = row_width<acc_t>();
   const int64_t width = W > 0 ? W : w;
   acc_t s[kMax] = {}, d1[kMax] = {}, d2[kMax] = {};
@@ -163,20 +168,21 @@ inline void rows_moments(const scalar_t* x, int64_t C, int64_t c0, int64_t w,
   }
   const double rows = double(r1 - r0);
   for (int64_t j = 0; j < width; ++j) {
-    mean[j] = double(s[j]) + double(d1[j]) / rows;
+    mean[j] = (double(s[j]) - base[j]) + double(d1[j]) / rows;
     m2[j] = double(d2[j]) - double(d1[j]) * double(d1[j]) / rows;
   }
 }
 
 template <typename scalar_t>
-void stats_rows(const scalar_t* x, const Geometry& g, double* mean,
-                double* var) {
+void stats_rows(const scalar_t* x, const Geometry& g, double* shift,
+                double* mean, double* var) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t W = row_width<acc_t>();
   const RowPlan plan(g);
   const int64_t C = g.C;
   std::vector<double> gn(plan.groups * C, 0.0), gm(plan.groups * C, 0.0),
       gm2(plan.groups * C, 0.0);
+  for (int64_t c = 0; c < C; ++c) shift[c] = double(x[c]);
   plan.for_each_block(g, [&](int64_t grp, int64_t c0, int64_t ct, int64_t r0,
                              int64_t r1) {
     double bm[W], bm2[W];
@@ -184,9 +190,11 @@ void stats_rows(const scalar_t* x, const Geometry& g, double* mean,
     for (int64_t c = c0; c < c0 + ct; c += W) {
       const int64_t w = std::min(W, c0 + ct - c);
       if (w == W)
-        rows_moments<W, scalar_t, acc_t>(x, C, c, W, r0, r1, bm, bm2);
+        rows_moments<W, scalar_t, acc_t>(x, C, c, W, r0, r1, shift + c, bm,
+                                         bm2);
       else
-        rows_moments<0, scalar_t, acc_t>(x, C, c, w, r0, r1, bm, bm2);
+        rows_moments<0, scalar_t, acc_t>(x, C, c, w, r0, r1, shift + c, bm,
+                                         bm2);
       for (int64_t j = 0; j < w; ++j) {
         const int64_t idx = grp * C + c + j;
         chan_merge(gn[idx], gm[idx], gm2[idx], rows, bm[j], bm2[j]);
@@ -205,14 +213,14 @@ void stats_rows(const scalar_t* x, const Geometry& g, double* mean,
 }
 
 void stats(at::ScalarType dtype, const void* x, const Geometry& g,
-           double* mean, double* var) {
+           double* shift, double* mean, double* var) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dtype, "sync_bn_stats_cpu", [&] {
         const scalar_t* xs = static_cast<const scalar_t*>(x);
         if (g.layout == Layout::kPlanar)
-          stats_planar<scalar_t>(xs, g, mean, var);
+          stats_planar<scalar_t>(xs, g, shift, mean, var);
         else
-          stats_rows<scalar_t>(xs, g, mean, var);
+          stats_rows<scalar_t>(xs, g, shift, mean, var);
       });
 }
 

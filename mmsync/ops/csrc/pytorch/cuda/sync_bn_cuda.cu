@@ -107,14 +107,15 @@ bool aligned_to(const void* p, int64_t bytes) {
 
 // Widest vector of vmax, vmax / 2 or 1 elements that divides `extent` (0:
 // any width; the flat kernels handle a tail) and to which every pointer is
-// aligned (vmax / 2 skipped unless `halves`).
+// aligned (vmax / 2 skipped unless `halves`): exactly the widths with_vec3
+// (halves) and with_vec2 instantiate.
 int pick_vec(int vmax, int64_t elem_size, int64_t extent,
              std::initializer_list<const void*> ptrs, bool halves) {
-  for (int v = vmax; v > 1; v /= 2) {
+  for (const int v : {vmax, halves ? vmax / 2 : 1}) {
+    if (v <= 1) break;
     bool ok = extent % v == 0;
     for (const void* p : ptrs) ok = ok && aligned_to(p, v * elem_size);
     if (ok) return v;
-    if (!halves) break;
   }
   return 1;
 }
@@ -145,14 +146,35 @@ constexpr int vec_max() {
   return int(16 / sizeof(scalar_t));
 }
 
+// Calls planar(V) or rows(V) (V as std::integral_constant) with the widest
+// vector of scalar_t every pointer allows: ROWS passes and PLANAR reductions
+// by the channels or plane size they vectorize (VMAX, VMAX / 2 or 1), flat
+// PLANAR passes VMAX or 1 (their vectors may span planes).
+template <typename scalar_t, bool kReduction, typename Planar, typename Rows>
+void dispatch_vec(const Geometry& g, std::initializer_list<const void*> ptrs,
+                  Planar&& planar, Rows&& rows) {
+  constexpr int VMAX = vec_max<scalar_t>();
+  const int64_t size = sizeof(scalar_t);
+  if (g.layout == Layout::kRows) {
+    with_vec3<VMAX>(pick_vec(VMAX, size, g.C, ptrs, true), rows);
+  } else if constexpr (kReduction) {
+    with_vec3<VMAX>(pick_vec(VMAX, size, g.S, ptrs, true), planar);
+  } else {
+    with_vec2<VMAX>(pick_vec(VMAX, size, 0, ptrs, false), planar);
+  }
+}
+
 // PLANAR reduction grid: (splits, channels); each block reduces per_block
 // elements of one channel.
 struct PlanarPlan {
   int64_t splits, per_block, grid_c;
   cuda::CursorStep step;
+  dim3 grid() const { return dim3(unsigned(splits), unsigned(grid_c)); }
 };
 
-PlanarPlan plan_planar(const Geometry& g, int V, int64_t wave) {
+template <typename Kernel>
+PlanarPlan plan_planar(const Geometry& g, int V, Kernel* kernel) {
+  const int64_t wave = wave_blocks(as_key(kernel), kThreads, 0);
   PlanarPlan p;
   const int64_t M = g.N * g.S, Mv = M / V;
   p.grid_c = std::min<int64_t>(g.C, 65535);
@@ -177,7 +199,10 @@ PlanarPlan plan_planar(const Geometry& g, int V, int64_t wave) {
 struct RowsPlan {
   int bx, by;
   int64_t tiles, rows_per_block, row_blocks;
+  size_t smem;
   int threads() const { return bx * by; }
+  dim3 grid() const { return dim3(unsigned(row_blocks), unsigned(tiles)); }
+  dim3 block() const { return dim3(unsigned(bx), unsigned(by)); }
 };
 
 RowsPlan shape_rows(const Geometry& g, int V) {
@@ -200,6 +225,7 @@ RowsPlan shape_rows(const Geometry& g, int V) {
 
 void grid_rows(RowsPlan& p, const Geometry& g, int64_t wave, bool reduction) {
   const int64_t M = g.rows();
+  p.smem = 0;
   if (reduction) {
     const int64_t most =
         std::max<int64_t>(1, M / (int64_t(p.by) * kUnroll * 2));
@@ -214,13 +240,26 @@ void grid_rows(RowsPlan& p, const Geometry& g, int64_t wave, bool reduction) {
   }
 }
 
+// The ROWS plan of `kernel` with `state` bytes of shared memory per thread:
+// a reduction's grid (splits of the rows), or with 0 an elementwise pass's.
+template <typename Kernel>
+RowsPlan plan_rows(const Geometry& g, int V, Kernel* kernel, size_t state) {
+  RowsPlan p = shape_rows(g, V);
+  const size_t smem = size_t(p.threads()) * state;
+  grid_rows(p, g, wave_blocks(as_key(kernel), p.threads(), smem), state > 0);
+  p.smem = smem;
+  return p;
+}
+
 // Flat PLANAR elementwise grid and its stride in (plane position, channel).
 struct FlatPlan {
   int64_t blocks;
   cuda::FlatStep step;
 };
 
-FlatPlan plan_flat(const Geometry& g, int V, int64_t wave) {
+template <typename Kernel>
+FlatPlan plan_flat(const Geometry& g, int V, Kernel* kernel) {
+  const int64_t wave = wave_blocks(as_key(kernel), kThreads, 0);
   FlatPlan p;
   p.blocks = std::max<int64_t>(
       1, std::min(ceil_div(ceil_div(g.numel(), V), kThreads), wave));
@@ -257,7 +296,6 @@ template <typename scalar_t>
 void launch_stats(const Tensor& input, const Geometry& g, double weight,
                   Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int VMAX = vec_max<scalar_t>();
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   double* packed = stats.data_ptr<double>();
   const double count = double(g.rows());
@@ -266,45 +304,38 @@ void launch_stats(const Tensor& input, const Geometry& g, double weight,
       input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   Tensor partial;
   int64_t splits = 1;
-  if (g.layout == Layout::kPlanar) {
-    const int v = pick_vec(VMAX, sizeof(scalar_t), g.S, {x}, true);
-    with_vec3<VMAX>(v, [&](auto vc) {
-      constexpr int V = decltype(vc)::value;
-      const PlanarPlan p = plan_planar(
-          g, V,
-          wave_blocks(as_key(&cuda::stats_planar_kernel<scalar_t, acc_t, V>),
-                      kThreads, 0));
-      splits = p.splits;
-      if (splits > 1) partial = at::empty({(3 * splits + 1) * g.C}, acc_opts);
-      cuda::stats_planar_kernel<scalar_t, acc_t, V>
-          <<<dim3(unsigned(p.splits), unsigned(p.grid_c)), kThreads, 0,
-             stream>>>(x, g.C, g.S, g.N * g.S, p.per_block, p.step,
-                       splits > 1 ? partial.data_ptr<acc_t>() : nullptr, packed,
-                       weight, count);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  } else {
-    const int v = pick_vec(VMAX, sizeof(scalar_t), g.C, {x}, true);
-    with_vec3<VMAX>(v, [&](auto vc) {
-      constexpr int V = decltype(vc)::value;
-      RowsPlan p = shape_rows(g, V);
-      const size_t smem = size_t(p.threads()) * (2 * V + 1) * sizeof(acc_t);
-      grid_rows(
-          p, g,
-          wave_blocks(as_key(&cuda::stats_rows_kernel<scalar_t, acc_t, V>),
-                      p.threads(), smem),
-          true);
-      splits = p.row_blocks;
-      if (splits > 1) partial = at::empty({(3 * splits + 1) * g.C}, acc_opts);
-      cuda::stats_rows_kernel<scalar_t, acc_t, V>
-          <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
-             dim3(unsigned(p.bx), unsigned(p.by)), smem, stream>>>(
-              x, g.rows(), g.C, p.rows_per_block,
-              splits > 1 ? partial.data_ptr<acc_t>() : nullptr, packed, weight,
-              count);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+  // Partials of split grids: [3][splits][C] (n, mean, M2) and shift[C].
+  const auto partials = [&](int64_t n) -> acc_t* {
+    splits = n;
+    if (n == 1) return nullptr;
+    partial = at::empty({(3 * n + 1) * g.C}, acc_opts);
+    return partial.data_ptr<acc_t>();
+  };
+  dispatch_vec<scalar_t, true>(
+      g, {x},
+      [&](auto vc) {
+        constexpr int V = decltype(vc)::value;
+        const auto p =
+            plan_planar(g, V, &cuda::stats_planar_kernel<scalar_t, acc_t, V>);
+        acc_t* part = partials(p.splits);
+        cuda::stats_planar_kernel<scalar_t, acc_t, V>
+            <<<p.grid(), kThreads, 0, stream>>>(x, g.C, g.S, g.N * g.S,
+                                                p.per_block, p.step, part,
+                                                packed, weight, count);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      },
+      [&](auto vc) {
+        constexpr int V = decltype(vc)::value;
+        const auto p =
+            plan_rows(g, V, &cuda::stats_rows_kernel<scalar_t, acc_t, V>,
+                      (2 * V + 1) * sizeof(acc_t));
+        acc_t* part = partials(p.row_blocks);
+        cuda::stats_rows_kernel<scalar_t, acc_t, V>
+            <<<p.grid(), p.block(), p.smem, stream>>>(
+                x, g.rows(), g.C, p.rows_per_block, part, packed, weight,
+                count);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   if (splits > 1) {
     const int64_t blocks =
         std::min<int64_t>(ceil_div(g.C, cuda::kWarps), 65535);
@@ -321,8 +352,9 @@ Tensor forward_stats_cuda(const Tensor& input_, bool weight_by_count) {
   const Geometry g = kernel_input(input_, &input);
   const auto opts = input.options().dtype(at::kDouble);
   const int64_t count = g.rows();
-  if (count == 0 || g.C == 0) return at::zeros({2 * g.C + kStatsHeader}, opts);
-  Tensor stats = at::empty({2 * g.C + kStatsHeader}, opts);
+  const int64_t size = kStatsFields * g.C + kStatsHeader;
+  if (count == 0 || g.C == 0) return at::zeros({size}, opts);
+  Tensor stats = at::empty({size}, opts);
   const double weight = weight_by_count ? double(count) : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_stats_cuda",
@@ -338,7 +370,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cuda(
     const c10::optional<Tensor>& num_batches_tracked,
     c10::optional<double> momentum, double eps, int64_t count,
     bool weight_by_count, at::ScalarType dtype) {
-  const int64_t C = stats_channels(stats_);
+  int64_t rows = 1;
+  const int64_t C = stats_channels(stats_, &rows);
   check_cuda(stats_, "sync_bn_forward_finalize");
   const c10::cuda::CUDAGuard guard(stats_.device());
   const Tensor stats = stats_.contiguous();
@@ -383,7 +416,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_finalize_cuda(
           using run_t = scalar_t;
           cuda::finalize_kernel<out_t, run_t>
               <<<unsigned(blocks), kThreads, 0, stream>>>(
-                  stats.const_data_ptr<double>(), C, eps, count,
+                  stats.const_data_ptr<double>(), rows, C, eps, count,
                   weight_by_count, has_running ? rm.data_ptr<run_t>() : nullptr,
                   has_running ? rv.data_ptr<run_t>() : nullptr,
                   tracked.defined() ? tracked.const_data_ptr<int64_t>()
@@ -425,44 +458,32 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
       at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_output_cuda",
       [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        constexpr int VMAX = vec_max<scalar_t>();
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         scalar_t* y = output.data_ptr<scalar_t>();
         const double* pm = mean.const_data_ptr<double>();
         const double* pi = invstd.const_data_ptr<double>();
         const acc_t* pw = ptr_or_null<acc_t>(weight);
         const acc_t* pb = ptr_or_null<acc_t>(bias);
-        if (g.layout == Layout::kPlanar) {
-          const int v = pick_vec(VMAX, sizeof(scalar_t), 0, {x, y}, false);
-          with_vec2<VMAX>(v, [&](auto vc) {
-            constexpr int V = decltype(vc)::value;
-            const FlatPlan p = plan_flat(
-                g, V,
-                wave_blocks(
-                    as_key(&cuda::output_planar_kernel<scalar_t, acc_t, V>),
-                    kThreads, 0));
-            cuda::output_planar_kernel<scalar_t, acc_t, V>
-                <<<unsigned(p.blocks), kThreads, 0, stream>>>(
-                    x, y, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb, relu);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        } else {
-          const int v = pick_vec(VMAX, sizeof(scalar_t), g.C, {x, y}, true);
-          with_vec3<VMAX>(v, [&](auto vc) {
-            constexpr int V = decltype(vc)::value;
-            RowsPlan p = shape_rows(g, V);
-            grid_rows(p, g,
-                      wave_blocks(
-                          as_key(&cuda::output_rows_kernel<scalar_t, acc_t, V>),
-                          p.threads(), 0),
-                      false);
-            cuda::output_rows_kernel<scalar_t, acc_t, V>
-                <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
-                   dim3(unsigned(p.bx), unsigned(p.by)), 0, stream>>>(
-                    x, y, g.rows(), g.C, pm, pi, pw, pb, relu);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        }
+        dispatch_vec<scalar_t, false>(
+            g, {x, y},
+            [&](auto vc) {
+              constexpr int V = decltype(vc)::value;
+              const auto p = plan_flat(
+                  g, V, &cuda::output_planar_kernel<scalar_t, acc_t, V>);
+              cuda::output_planar_kernel<scalar_t, acc_t, V>
+                  <<<unsigned(p.blocks), kThreads, 0, stream>>>(
+                      x, y, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb, relu);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            },
+            [&](auto vc) {
+              constexpr int V = decltype(vc)::value;
+              const auto p = plan_rows(
+                  g, V, &cuda::output_rows_kernel<scalar_t, acc_t, V>, 0);
+              cuda::output_rows_kernel<scalar_t, acc_t, V>
+                  <<<p.grid(), p.block(), 0, stream>>>(
+                      x, y, g.rows(), g.C, pm, pi, pw, pb, relu);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
       });
   return output;
 }
@@ -478,7 +499,8 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
   Tensor input;
   const Geometry g = kernel_input(input_, &input);
   const Tensor grad_output =
-      grad_output_like(grad_output_, input, g.layout, "sync_bn_backward_reduce");
+      grad_output_like(grad_output_, input, g.layout,
+                       "sync_bn_backward_reduce");
   const auto acc = acc_type_of(input.scalar_type());
   const Tensor mean = channel_vector(mean_, "mean", input, at::kDouble);
   const Tensor invstd = channel_vector(invstd_, "invstd", input, at::kDouble);
@@ -492,7 +514,6 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
       at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_reduce_cuda",
       [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        constexpr int VMAX = vec_max<scalar_t>();
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
         const double* pm = mean.const_data_ptr<double>();
@@ -502,47 +523,38 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
         acc_t* out = sums.data_ptr<acc_t>();
         Tensor partial;
         int64_t splits = 1;
-        if (g.layout == Layout::kPlanar) {
-          const int v = pick_vec(VMAX, sizeof(scalar_t), g.S, {x, dy}, true);
-          with_vec3<VMAX>(v, [&](auto vc) {
-            constexpr int V = decltype(vc)::value;
-            const PlanarPlan p = plan_planar(
-                g, V,
-                wave_blocks(
-                    as_key(&cuda::reduce_planar_kernel<scalar_t, acc_t, V>),
-                    kThreads, 0));
-            splits = p.splits;
-            if (splits > 1) partial = at::empty({2 * splits * g.C}, acc_opts);
-            cuda::reduce_planar_kernel<scalar_t, acc_t, V>
-                <<<dim3(unsigned(p.splits), unsigned(p.grid_c)), kThreads, 0,
-                   stream>>>(dy, x, g.C, g.S, g.N * g.S, p.per_block, p.step,
-                             pm, pi, pw, pb, relu,
-                             splits > 1 ? partial.data_ptr<acc_t>() : nullptr,
-                             out);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        } else {
-          const int v = pick_vec(VMAX, sizeof(scalar_t), g.C, {x, dy}, true);
-          with_vec3<VMAX>(v, [&](auto vc) {
-            constexpr int V = decltype(vc)::value;
-            RowsPlan p = shape_rows(g, V);
-            const size_t smem = size_t(p.threads()) * (2 * V) * sizeof(acc_t);
-            grid_rows(p, g,
-                      wave_blocks(
-                          as_key(&cuda::reduce_rows_kernel<scalar_t, acc_t, V>),
-                          p.threads(), smem),
-                      true);
-            splits = p.row_blocks;
-            if (splits > 1) partial = at::empty({2 * splits * g.C}, acc_opts);
-            cuda::reduce_rows_kernel<scalar_t, acc_t, V>
-                <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
-                   dim3(unsigned(p.bx), unsigned(p.by)), smem, stream>>>(
-                    dy, x, g.rows(), g.C, p.rows_per_block, pm, pi, pw, pb,
-                    relu, splits > 1 ? partial.data_ptr<acc_t>() : nullptr,
-                    out);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        }
+        // Partials of split grids: [2][splits][C] (sum(g), sum(g * xmu)).
+        const auto partials = [&](int64_t n) -> acc_t* {
+          splits = n;
+          if (n == 1) return nullptr;
+          partial = at::empty({2 * n * g.C}, acc_opts);
+          return partial.data_ptr<acc_t>();
+        };
+        dispatch_vec<scalar_t, true>(
+            g, {x, dy},
+            [&](auto vc) {
+              constexpr int V = decltype(vc)::value;
+              const auto p = plan_planar(
+                  g, V, &cuda::reduce_planar_kernel<scalar_t, acc_t, V>);
+              acc_t* part = partials(p.splits);
+              cuda::reduce_planar_kernel<scalar_t, acc_t, V>
+                  <<<p.grid(), kThreads, 0, stream>>>(
+                      dy, x, g.C, g.S, g.N * g.S, p.per_block, p.step, pm, pi,
+                      pw, pb, relu, part, out);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            },
+            [&](auto vc) {
+              constexpr int V = decltype(vc)::value;
+              const auto p =
+                  plan_rows(g, V, &cuda::reduce_rows_kernel<scalar_t, acc_t, V>,
+                            2 * V * sizeof(acc_t));
+              acc_t* part = partials(p.row_blocks);
+              cuda::reduce_rows_kernel<scalar_t, acc_t, V>
+                  <<<p.grid(), p.block(), p.smem, stream>>>(
+                      dy, x, g.rows(), g.C, p.rows_per_block, pm, pi, pw, pb,
+                      relu, part, out);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
         if (splits > 1) {
           const int64_t blocks =
               std::min<int64_t>(ceil_div(g.C, cuda::kWarps), 65535);
@@ -591,7 +603,6 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_data_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        constexpr int VMAX = vec_max<scalar_t>();
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
         scalar_t* dx = grad_input.data_ptr<scalar_t>();
@@ -601,39 +612,27 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
         const acc_t* pb = ptr_or_null<acc_t>(bias);
         const acc_t* ps = sums.const_data_ptr<acc_t>();
         const double* pa = scale.const_data_ptr<double>();
-        if (g.layout == Layout::kPlanar) {
-          const int v = pick_vec(VMAX, sizeof(scalar_t), 0, {x, dy, dx}, false);
-          with_vec2<VMAX>(v, [&](auto vc) {
-            constexpr int V = decltype(vc)::value;
-            const FlatPlan p = plan_flat(
-                g, V,
-                wave_blocks(
-                    as_key(&cuda::data_planar_kernel<scalar_t, acc_t, V>),
-                    kThreads, 0));
-            cuda::data_planar_kernel<scalar_t, acc_t, V>
-                <<<unsigned(p.blocks), kThreads, 0, stream>>>(
-                    dy, x, dx, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb, ps,
-                    pa, relu);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        } else {
-          const int v =
-              pick_vec(VMAX, sizeof(scalar_t), g.C, {x, dy, dx}, true);
-          with_vec3<VMAX>(v, [&](auto vc) {
-            constexpr int V = decltype(vc)::value;
-            RowsPlan p = shape_rows(g, V);
-            grid_rows(
-                p, g,
-                wave_blocks(as_key(&cuda::data_rows_kernel<scalar_t, acc_t, V>),
-                            p.threads(), 0),
-                false);
-            cuda::data_rows_kernel<scalar_t, acc_t, V>
-                <<<dim3(unsigned(p.row_blocks), unsigned(p.tiles)),
-                   dim3(unsigned(p.bx), unsigned(p.by)), 0, stream>>>(
-                    dy, x, dx, g.rows(), g.C, pm, pi, pw, pb, ps, pa, relu);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        }
+        dispatch_vec<scalar_t, false>(
+            g, {x, dy, dx},
+            [&](auto vc) {
+              constexpr int V = decltype(vc)::value;
+              const auto p = plan_flat(
+                  g, V, &cuda::data_planar_kernel<scalar_t, acc_t, V>);
+              cuda::data_planar_kernel<scalar_t, acc_t, V>
+                  <<<unsigned(p.blocks), kThreads, 0, stream>>>(
+                      dy, x, dx, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb,
+                      ps, pa, relu);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            },
+            [&](auto vc) {
+              constexpr int V = decltype(vc)::value;
+              const auto p = plan_rows(
+                  g, V, &cuda::data_rows_kernel<scalar_t, acc_t, V>, 0);
+              cuda::data_rows_kernel<scalar_t, acc_t, V>
+                  <<<p.grid(), p.block(), 0, stream>>>(
+                      dy, x, dx, g.rows(), g.C, pm, pi, pw, pb, ps, pa, relu);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
       });
   return grad_input;
 }
