@@ -108,6 +108,7 @@ if __name__ == '__main__':
         # Only the data listed: the C++ sources (in the manifest as the
         # extension's sources) are no package data.
         package_data={'mmsync': ['datasets/*.npz']},
+        include_package_data=False,
         python_requires='>=3.8',
         install_requires=parse_requirements('requirements/runtime.txt'),
         extras_require={
