@@ -93,10 +93,10 @@ def init_dist_from_env(backend: Optional[str] = None,
         backend = backend or 'nccl'
     elif backend in (None, 'nccl'):
         backend = 'gloo'
-    if timeout is not None and not isinstance(timeout, datetime.timedelta):
-        timeout = datetime.timedelta(seconds=timeout)
     if timeout is not None:
-        kwargs['timeout'] = timeout
+        kwargs['timeout'] = (
+            timeout if isinstance(timeout, datetime.timedelta) else
+            datetime.timedelta(seconds=timeout))
     dist.init_process_group(
         backend=backend,
         rank=int(os.environ['RANK']),

@@ -207,8 +207,11 @@ def sync_class_of(cls: type) -> type:
     return _sync_classes[cls]
 
 
-SYNC_ATTRS = ('group', 'stats_mode', 'subgroup_size', 'check_sync',
-              '_sync_check', '_mmsync_reached', '_mmsync_added')
+# What SyncBatchNorm.__init__ sets besides _BatchNorm's state, and what a
+# converted instance carries for conversion itself.
+LAYER_ATTRS = ('group', 'stats_mode', 'subgroup_size', 'check_sync',
+               '_sync_check')
+SYNC_ATTRS = LAYER_ATTRS + ('_mmsync_reached', '_mmsync_added')
 
 
 def _to_sync(module: _BatchNorm, group, stats_mode: str,
@@ -240,8 +243,7 @@ def _to_sync(module: _BatchNorm, group, stats_mode: str,
         stats_mode=stats_mode,
         group_size=group_size)
     added = tuple(
-        name for name in ('act', ) + SYNC_ATTRS[:5]
-        if not hasattr(module, name))
+        name for name in ('act', ) + LAYER_ATTRS if not hasattr(module, name))
     return _rebuild(
         sync_class_of(type(module)),
         module,
