@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from mmsync.ops import SyncBatchNorm
 
-SHAPES = ((32, 64, 56, 56), (64, 256, 14, 14), (16, 32, 112, 112))
+SHAPES = ((32, 64, 56, 56), (64, 256, 14, 14), (16, 32, 112, 112), (32, 2048,
+                                                                    7, 7))
 DTYPES = {
     'float16': torch.float16,
     'bfloat16': torch.bfloat16,

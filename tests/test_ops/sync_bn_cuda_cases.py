@@ -39,15 +39,19 @@ VMAX = {'float32': 4, 'float16': 8, 'bfloat16': 8, 'float64': 2}
 def geometries(dtype):
     """(name, shape, layout) that select each kernel variant for dtype.
 
-    PLANAR reductions load vectors of VMAX, VMAX/2 or 1 elements by S % V;
-    the flat PLANAR passes VMAX unless misaligned (vectors then span
-    planes when S % V != 0); ROWS kernels by C % V.
+    PLANAR reductions read each plane's aligned interior as vectors of
+    VMAX, VMAX/2 or 1 elements: the widest whose vectors cover half of every
+    plane (odd planes such as 7x7 too), the edges element by element; the
+    flat PLANAR passes
+    VMAX unless misaligned (vectors then span planes when S % V != 0); ROWS
+    kernels by C % V.
     """
     vmax = VMAX[dtype]
     half = max(vmax // 2, 1)
     out = [
         ('planar-vmax', (5, 3, 4, vmax), 'contiguous'),
         ('planar-odd-S', (5, 3, 5), 'contiguous'),
+        ('planar-7x7', (3, 3, 7, 7), 'contiguous'),
         ('planar-misaligned', (4, 3, 2, 3), 'misaligned'),
         ('rows-vmax', (5, 2 * vmax, 2, 3), 'channels_last'),
         ('rows-odd-C', (7, 3), 'contiguous'),
@@ -57,7 +61,7 @@ def geometries(dtype):
     ]
     if half > 1:
         out += [
-            ('planar-vhalf', (5, 3, 3, 2 * half), 'contiguous'),
+            ('planar-vhalf', (5, 3, 3 * half), 'contiguous'),
             ('rows-vhalf', (5, 3 * half), 'contiguous'),
         ]
     return out

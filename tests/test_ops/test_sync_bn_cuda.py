@@ -87,6 +87,8 @@ def test_ops_options(options):
     ((64, 256, 14, 14), 'contiguous', 'float16'),
     ((16, 32, 112, 112), 'channels_last', 'float32'),
     ((8, 2056, 7, 7), 'channels_last', 'float32'),
+    ((32, 2048, 7, 7), 'contiguous', 'float16'),
+    ((16, 1024, 13, 13), 'contiguous', 'bfloat16'),
     ((4096, 3), 'contiguous', 'float32'),
 ])
 def test_ops_benchmark_sizes(shape, layout, dtype):

@@ -13,6 +13,7 @@ emulator is sequentially consistent), 64-bit indexing past 2^31 elements,
 grids past 65535 channels, and the nvcc code generation itself;
 ``test_sync_bn_cuda.py`` checks those on a GPU.
 """
+import math
 import re
 import sys
 
@@ -290,3 +291,76 @@ def test_16_bit_vector_widths(emu, channels, width):
     for kernel in ('stats_rows_kernel', 'output_rows_kernel',
                    'reduce_rows_kernel', 'data_rows_kernel'):
         assert _widths(trace, kernel) == {width}, (kernel, trace)
+
+
+def _plane_vectors(S, V):
+    """Aligned V-vectors inside every plane of S elements, whatever its
+    offset: at most V - gcd(S, V) elements precede the first."""
+    before = V - math.gcd(S, V)
+    return (S - before) // V if S > before else 0
+
+
+def _planar_launches(trace, kernel):
+    """(V, grid.x, grid.y) of each ``kernel`` launch in an emulator trace."""
+    return [(int(v), int(x), int(y)) for v, x, y in re.findall(
+        rf'{kernel}<[^>]*,\s*(\d+)> grid=\((\d+),(\d+)\)', trace)]
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('shape', [(3, 5, 7, 7), (2, 3, 13, 13), (4, 6, 3, 3),
+                                   (3, 4, 5, 5)])
+def test_odd_planes_read_vectors(emu, dtype, shape):
+    """Planes of an odd size (7x7, 13x13 in ResNets' last stages) are read
+    as 16-byte vectors in their aligned interior and element by element at
+    their edges, whatever the plane's offset."""
+    emu.emu_trace()
+    _check(emu, OpCase(shape, dtype=dtype, relu=True, offset=10.0))
+    trace = emu.emu_trace()
+    # Ranks' slices start anywhere (vectors where they are aligned).
+    _check(emu,
+           OpCase(shape, dtype=dtype, relu=True, splits=[1, 0, shape[0] - 1]))
+    S, vmax = shape[2] * shape[3], VMAX[dtype]
+    want = next((v for v in (vmax, vmax // 2)
+                 if v > 1 and 2 * _plane_vectors(S, v) * v >= S), 1)
+    for kernel in ('stats_planar_kernel', 'reduce_planar_kernel'):
+        assert {v for v, _, _ in _planar_launches(trace, kernel)} == {want}
+    if S >= 49:
+        assert want == vmax
+
+
+@pytest.mark.parametrize(
+    'shape, dtype, tile',
+    [
+        ((2, 64, 7, 7), 'float32', 8),  # 32 loads a channel: a warp each
+        ((8, 16, 13, 13), 'float16', 4),  # 232 loads: 64 threads each
+        ((8, 10, 16, 16), 'float32', 2),  # 512 loads: 128 threads
+        ((16, 10, 16, 16), 'float32', 1),  # 1024: the whole block
+    ])
+def test_reduction_block_sized_from_the_channel(emu, shape, dtype, tile):
+    """Few values a channel: one block reduces kThreads / group channels at
+    once, group threads (32..256) each, sized from N * S per channel."""
+    emu.emu_config(4, 3)
+    emu.emu_trace()
+    _check(emu, OpCase(shape, dtype=dtype, relu=True), sms=4)
+    trace = emu.emu_trace()
+    C = shape[1]
+    for kernel in ('stats_planar_kernel', 'reduce_planar_kernel'):
+        launches = _planar_launches(trace, kernel)
+        assert launches and all(y == -(-C // tile)
+                                for _, _, y in launches), (kernel, trace)
+
+
+@pytest.mark.parametrize('dtype', ('float16', 'float64'))
+def test_odd_planes_split_over_blocks(emu, dtype):
+    """A channel of many odd planes split over blocks: each block's vectors
+    and edge elements start mid-plane and the partials merge in float64."""
+    emu.emu_config(4, 2)
+    emu.emu_trace()
+    _check(
+        emu,
+        OpCase((16, 2, 33, 33), dtype=dtype, relu=True, offset=100.0),
+        sms=4)
+    trace = emu.emu_trace()
+    launches = _planar_launches(trace, 'stats_planar_kernel')
+    assert launches and all(x >= 2 for _, x, _ in launches), trace
+    assert 'stats_merge_kernel' in trace and 'reduce_merge_kernel' in trace

@@ -1,6 +1,7 @@
 // CUDA kernel templates of the sync_bn ops. PLANAR inputs (N x C x S): (split,
-// channel) reduction blocks, flat vectorized passes; ROWS inputs (N*S rows of C
-// channels: channels_last, 2D): 2-D blocks, each thread owning V channels.
+// channel tile) reduction blocks reading each plane's aligned interior as
+// vectors, flat vectorized passes; ROWS inputs (N*S rows of C channels:
+// channels_last, 2D): 2-D blocks, each thread owning V channels.
 #pragma once
 
 #include "sync_bn_cuda_utils.cuh"
@@ -9,43 +10,76 @@ namespace mmsync {
 namespace cuda {
 
 // ---------------------------------------------------------------------------
-// Local statistics. Each block reduces `per_block` elements (PLANAR) or
-// `rows_per_block` rows (ROWS) of a channel to (n, mean, M2) of x - shift,
-// shift being the channel's first element: the float32 moments then keep
-// their precision relative to the spread, not to |mean| (mean >> std). The
+// Local statistics. Each PLANAR block reduces its share of the vectors and
+// of the edge elements (see PlanarWalk) of `kThreads / group` channels at
+// once, `group` threads on each: small planes and batches keep the block
+// busy. Each ROWS block reduces
+// `rows_per_block` rows. Both reduce to (n, mean, M2) of x - shift, shift
+// being the channel's first element: the float32 moments then keep their
+// precision relative to the spread, not to |mean| (mean >> std). The
 // partials ([3][splits][C]: n, mean, M2, then shift[C]) are merged by
 // stats_merge_kernel; a grid of one split writes the packed row (mean, M2)
 // directly.
 
+// Edge elements (scalars) a PLANAR reduction thread loads before using any.
+constexpr int kEdgeUnroll = 2;
+
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
     stats_planar_kernel(const scalar_t* __restrict__ x, int64_t C, int64_t S,
-                        int64_t M, int64_t per_block, CursorStep step,
-                        acc_t* __restrict__ partial,
+                        int group, PlanarWalk w, acc_t* __restrict__ partial,
                         double* __restrict__ packed, double weight,
                         double count) {
   const int64_t splits = gridDim.x;
-  const int64_t lo = int64_t(blockIdx.x) * per_block;
-  const int64_t hi = lo + per_block < M ? lo + per_block : M;
-  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
-    const acc_t shift = acc_t(x[c * S]);
+  const int64_t lo = int64_t(blockIdx.x) * w.per_block;
+  const int64_t hi =
+      lo + w.per_block < w.vectors ? lo + w.per_block : w.vectors;
+  const int64_t lo_e = int64_t(blockIdx.x) * w.per_block_edges;
+  const int64_t hi_e =
+      lo_e + w.per_block_edges < w.edges ? lo_e + w.per_block_edges : w.edges;
+  const int per_tile = kThreads / group;
+  const int member = int(threadIdx.x) % group;
+  const int64_t tiles = (C + per_tile - 1) / per_tile;
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    const int64_t c = tile * per_tile + int(threadIdx.x) / group;
+    const bool active = c < C;
+    const acc_t shift = active ? acc_t(x[c * S]) : acc_t(0);
     acc_t n = acc_t(0), mean = acc_t(0), m2 = acc_t(0);
-    PlaneCursor cur(lo + int64_t(threadIdx.x) * V, c, C, S);
-    while (cur.i < hi) {
-      Pack<scalar_t, V> p[kUnroll];
-      int valid = 0;
+    if (active && lo + member < hi) {
+      PlaneCursor cur(lo + member, w.W, c, C, S);
+      while (cur.j < hi) {
+        Pack<scalar_t, V> p[kUnroll];
+        int valid = 0;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (cur.i < hi) {
-          p[u] = load_pack<V>(x + cur.off);
-          ++valid;
+        for (int u = 0; u < kUnroll; ++u) {
+          if (cur.j < hi) {
+            p[u] = load_pack<V>(x + cur.vector_at<V>());
+            ++valid;
+          }
+          cur.advance(group, w.vector_step, w.plane_stride);
         }
-        cur.advance(step, S);
+        welford_add<kUnroll, V>(n, mean, m2, p, valid, shift);
       }
-      welford_add<kUnroll, V>(n, mean, m2, p, valid, shift);
     }
-    block_welford(n, mean, m2);
-    if (threadIdx.x == 0) {
+    // V == 1: no edges (W == S).
+    if (V > 1 && active && lo_e + member < hi_e) {
+      PlaneCursor cur(lo_e + member, w.E, c, C, S);
+      while (cur.j < hi_e) {
+        Pack<scalar_t, 1> p[kEdgeUnroll];
+        int valid = 0;
+#pragma unroll
+        for (int u = 0; u < kEdgeUnroll; ++u) {
+          if (cur.j < hi_e) {
+            p[u].v[0] = x[cur.edge_at<V>(w.W)];
+            ++valid;
+          }
+          cur.advance(group, w.edge_step, w.plane_stride);
+        }
+        welford_add<kEdgeUnroll, 1>(n, mean, m2, p, valid, shift);
+      }
+    }
+    group_welford(n, mean, m2, group);
+    if (active && member == 0) {
       if (splits == 1) {
         write_packed(packed, C, c, double(shift), double(mean), double(m2));
       } else {
@@ -447,54 +481,93 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------------------
 // Backward reduction: per channel sum(g) and sum(g * (x - mean)), g being dy
-// masked by the recomputed ReLU. Partials ([2][splits][C]) are summed in
-// float64 by reduce_merge_kernel, which also applies invstd; a grid of one
-// split writes `sums` (2C, acc_t) directly.
+// masked by the recomputed ReLU; blocks and grids as for the statistics.
+// Partials ([2][splits][C]) are summed in float64 by reduce_merge_kernel,
+// which also applies invstd; a grid of one split writes `sums` (2C, acc_t)
+// directly.
 
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
     reduce_planar_kernel(
         const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-        int64_t C, int64_t S, int64_t M, int64_t per_block, CursorStep step,
+        int64_t C, int64_t S, int group, PlanarWalk w,
         const double* __restrict__ mean, const double* __restrict__ invstd,
         const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
         bool relu, acc_t* __restrict__ partial, acc_t* __restrict__ sums) {
-  // Two tensors in flight: with 8-wide vectors, 2 of them per thread keep
+  // Two tensors in flight: with 16-byte vectors, 2 of each per thread keep
   // the registers under the kMinReduceBlocks bound.
-  constexpr int U = V >= 8 ? 2 : kUnroll;
+  constexpr int U = V * sizeof(scalar_t) >= 16 ? 2 : kUnroll;
   const int64_t splits = gridDim.x;
-  const int64_t lo = int64_t(blockIdx.x) * per_block;
-  const int64_t hi = lo + per_block < M ? lo + per_block : M;
-  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
-    ChannelConsts<acc_t> k;
-    k.load(c, mean, invstd, weight, bias);
+  const int64_t lo = int64_t(blockIdx.x) * w.per_block;
+  const int64_t hi =
+      lo + w.per_block < w.vectors ? lo + w.per_block : w.vectors;
+  const int64_t lo_e = int64_t(blockIdx.x) * w.per_block_edges;
+  const int64_t hi_e =
+      lo_e + w.per_block_edges < w.edges ? lo_e + w.per_block_edges : w.edges;
+  const int per_tile = kThreads / group;
+  const int member = int(threadIdx.x) % group;
+  const int64_t tiles = (C + per_tile - 1) / per_tile;
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    const int64_t c = tile * per_tile + int(threadIdx.x) / group;
+    const bool active = c < C;
     acc_t s1[V], s2[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) s1[j] = s2[j] = acc_t(0);
-    PlaneCursor cur(lo + int64_t(threadIdx.x) * V, c, C, S);
-    while (cur.i < hi) {
-      Pack<scalar_t, V> gv[U], xv[U];
-      bool ok[U];
+    ChannelConsts<acc_t> k;
+    if (active) k.load(c, mean, invstd, weight, bias);
+    if (active && lo + member < hi) {
+      PlaneCursor cur(lo + member, w.W, c, C, S);
+      while (cur.j < hi) {
+        Pack<scalar_t, V> gv[U], xv[U];
+        bool ok[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        ok[u] = cur.i < hi;
-        if (ok[u]) {
-          gv[u] = load_pack<V>(dy + cur.off);
-          xv[u] = load_pack<V>(x + cur.off);
-        }
-        cur.advance(step, S);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (ok[u]) {
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            const acc_t xm = k.centered(acc_t(xv[u].v[j]));
-            const acc_t g = k.grad(acc_t(gv[u].v[j]), xm, relu);
-            s1[j] += g;
-            s2[j] += g * xm;
+        for (int u = 0; u < U; ++u) {
+          ok[u] = cur.j < hi;
+          if (ok[u]) {
+            const int64_t at = cur.vector_at<V>();
+            gv[u] = load_pack<V>(dy + at);
+            xv[u] = load_pack<V>(x + at);
           }
+          cur.advance(group, w.vector_step, w.plane_stride);
         }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (ok[u]) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              const acc_t xm = k.centered(acc_t(xv[u].v[j]));
+              const acc_t g = k.grad(acc_t(gv[u].v[j]), xm, relu);
+              s1[j] += g;
+              s2[j] += g * xm;
+            }
+          }
+      }
+    }
+    // V == 1: no edges (W == S).
+    if (V > 1 && active && lo_e + member < hi_e) {
+      PlaneCursor cur(lo_e + member, w.E, c, C, S);
+      while (cur.j < hi_e) {
+        scalar_t gv[kEdgeUnroll], xv[kEdgeUnroll];
+        bool ok[kEdgeUnroll];
+#pragma unroll
+        for (int u = 0; u < kEdgeUnroll; ++u) {
+          ok[u] = cur.j < hi_e;
+          if (ok[u]) {
+            const int64_t at = cur.edge_at<V>(w.W);
+            gv[u] = dy[at];
+            xv[u] = x[at];
+          }
+          cur.advance(group, w.edge_step, w.plane_stride);
+        }
+#pragma unroll
+        for (int u = 0; u < kEdgeUnroll; ++u)
+          if (ok[u]) {
+            const acc_t xm = k.centered(acc_t(xv[u]));
+            const acc_t g = k.grad(acc_t(gv[u]), xm, relu);
+            s1[0] += g;
+            s2[0] += g * xm;
+          }
+      }
     }
     acc_t t1 = acc_t(0), t2 = acc_t(0);
 #pragma unroll
@@ -502,8 +575,8 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
       t1 += s1[j];
       t2 += s2[j];
     }
-    block_sum2(t1, t2);
-    if (threadIdx.x == 0) {
+    group_sum2(t1, t2, group);
+    if (active && member == 0) {
       if (splits == 1) {
         sums[c] = t1;
         sums[C + c] = acc_t(double(t2) * invstd[c]);

@@ -1,6 +1,7 @@
 // Device helpers of the sync_bn CUDA kernels: aligned vector loads, cursors
 // over PLANAR tensors (N x C x S contiguous), and Welford/Chan merges of
-// per-thread moments in registers, across a warp and across a block.
+// per-thread moments in registers, across a warp and across a group of
+// warps.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -50,34 +51,60 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
   *reinterpret_cast<Pack<T, V>*>(p) = v;
 }
 
-// A per-thread walk over the N * S elements of channel c of a PLANAR tensor,
-// V at a time with a fixed stride: `i` indexes the channel's elements as if
-// they were contiguous, `off` is their offset in memory. Computed once on the
-// host, the stride needs no division on the device.
-struct CursorStep {
-  int64_t step;  // elements between two visits of one thread
-  int64_t ds;    // step % S
-  int64_t jump;  // memory offset of a step that stays in the plane
-  int64_t wrap;  // extra offset when the step crosses into the next plane
+// A PLANAR reduction splits each plane of channel c (S elements from offset
+// (n * C + c) * S) into its aligned interior, W vectors of V elements that
+// start at the plane's first offset aligned to V, and E = S - W * V edge
+// elements before and after them, read one by one. W is the same for every
+// plane (the fewest any of its offsets leaves), so the channel's vectors
+// and its edge elements are each a regular sequence: item j is item j % P
+// of plane j / P (P = W or E). A thread visits every step-th item and tracks
+// (item in the plane, plane offset) without a division. Offsets are in
+// elements from a base pointer aligned to V elements.
+struct PlaneStep {
+  int64_t per_plane;  // items per plane (P)
+  int64_t dk;         // step % P
+  int64_t jump;       // (step / P) * C * S: planes a step passes, as offset
+};
+
+struct PlanarWalk {
+  int64_t W, E;                // vectors and edge elements per plane
+  int64_t vectors, edges;      // of the channel: N * W, N * E
+  int64_t per_block;           // vectors a block reduces
+  int64_t per_block_edges;     // edge elements a block reduces
+  int64_t plane_stride;        // C * S
+  PlaneStep vector_step, edge_step;  // steps of `group` items
 };
 
 struct PlaneCursor {
-  int64_t i, s, off;
-  __device__ __forceinline__ PlaneCursor(int64_t i0, int64_t c, int64_t C,
-                                         int64_t S) {
-    const int64_t n = i0 / S;
-    i = i0;
-    s = i0 - n * S;
-    off = (n * C + c) * S + s;
+  int64_t j, k, base;  // item index, item in its plane, plane offset
+  __device__ __forceinline__ PlaneCursor(int64_t j0, int64_t per_plane,
+                                         int64_t c, int64_t C, int64_t S) {
+    const int64_t n = j0 / per_plane;
+    j = j0;
+    k = j0 - n * per_plane;
+    base = (n * C + c) * S;
   }
-  __device__ __forceinline__ void advance(const CursorStep& st, int64_t S) {
-    i += st.step;
-    s += st.ds;
-    off += st.jump;
-    if (s >= S) {
-      s -= S;
-      off += st.wrap;
+  __device__ __forceinline__ void advance(int64_t step, const PlaneStep& st,
+                                          int64_t plane_stride) {
+    j += step;
+    k += st.dk;
+    base += st.jump;
+    if (k >= st.per_plane) {
+      k -= st.per_plane;
+      base += plane_stride;
     }
+  }
+  // Offset of vector k of the plane's aligned interior.
+  template <int V>
+  __device__ __forceinline__ int64_t vector_at() const {
+    return ((base + (V - 1)) & ~int64_t(V - 1)) + k * V;
+  }
+  // Offset of edge element k: the plane's elements before its interior,
+  // then those after the W vectors.
+  template <int V>
+  __device__ __forceinline__ int64_t edge_at(int64_t W) const {
+    const int64_t head = (V - (base & (V - 1))) & (V - 1);
+    return base + (k < head ? k : k + W * V);
   }
 };
 
@@ -179,12 +206,17 @@ __device__ __forceinline__ void warp_sum2(T& a, T& b) {
   }
 }
 
-// Merges over a 1-D block of kThreads threads; thread 0 holds the result.
-// Ends with a barrier, so a loop may call it again at once.
+// Merges over each group of `group` consecutive threads of a 1-D block of
+// kThreads (group: a multiple of 32 dividing kThreads, the same in the whole
+// block); the group's first thread holds the result. Every thread of the
+// block must call it; a loop may call it again at once.
 template <typename T>
-__device__ __forceinline__ void block_welford(T& n, T& mean, T& m2) {
+__device__ __forceinline__ void group_welford(T& n, T& mean, T& m2,
+                                              int group) {
   __shared__ T sh[3][kWarps];
   warp_welford(n, mean, m2);
+  const int per_group = group >> 5;  // warps
+  if (per_group == 1) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
     sh[0][warp] = n;
@@ -192,28 +224,30 @@ __device__ __forceinline__ void block_welford(T& n, T& mean, T& m2) {
     sh[2][warp] = m2;
   }
   __syncthreads();
-  if (warp == 0) {
-    n = lane < kWarps ? sh[0][lane] : T(0);
-    mean = lane < kWarps ? sh[1][lane] : T(0);
-    m2 = lane < kWarps ? sh[2][lane] : T(0);
+  if (warp % per_group == 0) {
+    n = lane < per_group ? sh[0][warp + lane] : T(0);
+    mean = lane < per_group ? sh[1][warp + lane] : T(0);
+    m2 = lane < per_group ? sh[2][warp + lane] : T(0);
     warp_welford(n, mean, m2);
   }
   __syncthreads();
 }
 
 template <typename T>
-__device__ __forceinline__ void block_sum2(T& a, T& b) {
+__device__ __forceinline__ void group_sum2(T& a, T& b, int group) {
   __shared__ T sh[2][kWarps];
   warp_sum2(a, b);
+  const int per_group = group >> 5;
+  if (per_group == 1) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
     sh[0][warp] = a;
     sh[1][warp] = b;
   }
   __syncthreads();
-  if (warp == 0) {
-    a = lane < kWarps ? sh[0][lane] : T(0);
-    b = lane < kWarps ? sh[1][lane] : T(0);
+  if (warp % per_group == 0) {
+    a = lane < per_group ? sh[0][warp + lane] : T(0);
+    b = lane < per_group ? sh[1][warp + lane] : T(0);
     warp_sum2(a, b);
   }
   __syncthreads();

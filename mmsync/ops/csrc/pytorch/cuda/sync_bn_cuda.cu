@@ -146,10 +146,33 @@ constexpr int vec_max() {
   return int(16 / sizeof(scalar_t));
 }
 
+// Aligned vectors of V elements inside every plane of S elements: plane
+// offsets are multiples of S, so their misalignment to V is a multiple of
+// gcd(S, V) and at most V - gcd(S, V) elements precede the first aligned
+// offset (V: a power of 2).
+int64_t plane_vectors(int64_t S, int V) {
+  const int64_t before = V - std::min<int64_t>(S & -S, V);
+  return S > before ? (S - before) / V : 0;
+}
+
+// Vector width of a PLANAR reduction: the widest of VMAX, VMAX / 2 to which
+// every pointer is aligned and whose vectors cover at least half of every
+// plane (7x7 planes: 40 of 49 halves, 44 of 49 floats), else 1.
+int planar_reduce_vec(int vmax, int64_t elem_size, int64_t S,
+                      std::initializer_list<const void*> ptrs) {
+  for (const int v : {vmax, vmax / 2}) {
+    if (v <= 1) break;
+    bool ok = 2 * plane_vectors(S, v) * v >= S;
+    for (const void* p : ptrs) ok = ok && aligned_to(p, v * elem_size);
+    if (ok) return v;
+  }
+  return 1;
+}
+
 // Calls planar(V) or rows(V) (V as std::integral_constant) with the widest
-// vector of scalar_t every pointer allows: ROWS passes and PLANAR reductions
-// by the channels or plane size they vectorize (VMAX, VMAX / 2 or 1), flat
-// PLANAR passes VMAX or 1 (their vectors may span planes).
+// vector of scalar_t every pointer allows: ROWS passes by the channels they
+// vectorize and PLANAR reductions by the plane size (VMAX, VMAX / 2 or 1),
+// flat PLANAR passes VMAX or 1 (their vectors may span planes).
 template <typename scalar_t, bool kReduction, typename Planar, typename Rows>
 void dispatch_vec(const Geometry& g, std::initializer_list<const void*> ptrs,
                   Planar&& planar, Rows&& rows) {
@@ -158,38 +181,59 @@ void dispatch_vec(const Geometry& g, std::initializer_list<const void*> ptrs,
   if (g.layout == Layout::kRows) {
     with_vec3<VMAX>(pick_vec(VMAX, size, g.C, ptrs, true), rows);
   } else if constexpr (kReduction) {
-    with_vec3<VMAX>(pick_vec(VMAX, size, g.S, ptrs, true), planar);
+    with_vec3<VMAX>(planar_reduce_vec(VMAX, size, g.S, ptrs), planar);
   } else {
     with_vec2<VMAX>(pick_vec(VMAX, size, 0, ptrs, false), planar);
   }
 }
 
-// PLANAR reduction grid: (splits, channels); each block reduces per_block
-// elements of one channel.
+// PLANAR reduction grid: (splits, channel tiles) of kThreads-thread blocks;
+// `group` threads reduce one channel (kThreads / group channels a tile),
+// each block its share of the channel's vectors and edge elements.
 struct PlanarPlan {
-  int64_t splits, per_block, grid_c;
-  cuda::CursorStep step;
+  int64_t splits, grid_c;
+  int group;
+  cuda::PlanarWalk walk;
   dim3 grid() const { return dim3(unsigned(splits), unsigned(grid_c)); }
 };
+
+cuda::PlaneStep plane_step(int64_t step, int64_t per_plane, int64_t stride) {
+  cuda::PlaneStep st;
+  st.per_plane = std::max<int64_t>(per_plane, 1);  // 1: an unused sequence
+  st.dk = step % st.per_plane;
+  st.jump = (step / st.per_plane) * stride;
+  return st;
+}
 
 template <typename Kernel>
 PlanarPlan plan_planar(const Geometry& g, int V, Kernel* kernel) {
   const int64_t wave = wave_blocks(as_key(kernel), kThreads, 0);
   PlanarPlan p;
-  const int64_t M = g.N * g.S, Mv = M / V;
-  p.grid_c = std::min<int64_t>(g.C, 65535);
-  // Each thread should see at least one batch of kUnroll vectors.
-  const int64_t most = std::max<int64_t>(1, Mv / (int64_t(kThreads) * kUnroll));
-  const int64_t splits =
-      balanced_splits(p.grid_c, wave, ceil_div(M, kMaxBlockCount), most);
-  p.per_block = ceil_div(Mv, splits) * V;
-  p.splits = ceil_div(M, p.per_block);
-  const int64_t step = int64_t(kThreads) * V;
-  const int64_t dn = step / g.S;
-  p.step.step = step;
-  p.step.ds = step - dn * g.S;
-  p.step.jump = dn * g.C * g.S + p.step.ds;
-  p.step.wrap = g.C * g.S - g.S;
+  cuda::PlanarWalk& w = p.walk;
+  w.W = plane_vectors(g.S, V);
+  w.E = g.S - w.W * V;
+  w.vectors = g.N * w.W;
+  w.edges = g.N * w.E;
+  w.plane_stride = g.C * g.S;
+  // Loads of one channel; the fewest threads per channel (a warp at least)
+  // that leave each at most one batch of kUnroll, a whole block beyond.
+  const int64_t loads = w.vectors + w.edges;
+  p.group = 32;
+  while (p.group < kThreads && int64_t(p.group) * kUnroll < loads)
+    p.group *= 2;
+  p.grid_c = std::min<int64_t>(ceil_div(g.C, kThreads / p.group), 65535);
+  // Each thread should see at least one batch of kUnroll loads.
+  const int64_t most =
+      std::max<int64_t>(1, loads / (int64_t(kThreads) * kUnroll));
+  const int64_t splits = balanced_splits(
+      p.grid_c, wave, ceil_div(g.N * g.S, kMaxBlockCount), most);
+  w.per_block = ceil_div(w.vectors, splits);
+  w.per_block_edges = ceil_div(w.edges, splits);
+  p.splits = std::max<int64_t>(
+      {int64_t(1), w.per_block > 0 ? ceil_div(w.vectors, w.per_block) : 0,
+       w.per_block_edges > 0 ? ceil_div(w.edges, w.per_block_edges) : 0});
+  w.vector_step = plane_step(p.group, w.W, w.plane_stride);
+  w.edge_step = plane_step(p.group, w.E, w.plane_stride);
   return p;
 }
 
@@ -319,9 +363,8 @@ void launch_stats(const Tensor& input, const Geometry& g, double weight,
             plan_planar(g, V, &cuda::stats_planar_kernel<scalar_t, acc_t, V>);
         acc_t* part = partials(p.splits);
         cuda::stats_planar_kernel<scalar_t, acc_t, V>
-            <<<p.grid(), kThreads, 0, stream>>>(x, g.C, g.S, g.N * g.S,
-                                                p.per_block, p.step, part,
-                                                packed, weight, count);
+            <<<p.grid(), kThreads, 0, stream>>>(x, g.C, g.S, p.group, p.walk,
+                                                part, packed, weight, count);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       },
       [&](auto vc) {
@@ -539,8 +582,8 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
               acc_t* part = partials(p.splits);
               cuda::reduce_planar_kernel<scalar_t, acc_t, V>
                   <<<p.grid(), kThreads, 0, stream>>>(
-                      dy, x, g.C, g.S, g.N * g.S, p.per_block, p.step, pm, pi,
-                      pw, pb, relu, part, out);
+                      dy, x, g.C, g.S, p.group, p.walk, pm, pi, pw, pb, relu,
+                      part, out);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             },
             [&](auto vc) {
