@@ -27,59 +27,51 @@ constexpr int kEdgeUnroll = 2;
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
     stats_planar_kernel(const scalar_t* __restrict__ x, int64_t C, int64_t S,
-                        int group, PlanarWalk w, acc_t* __restrict__ partial,
+                        PlanarWalk w, acc_t* __restrict__ partial,
                         double* __restrict__ packed, double weight,
                         double count) {
   const int64_t splits = gridDim.x;
-  const int64_t lo = int64_t(blockIdx.x) * w.per_block;
-  const int64_t hi =
-      lo + w.per_block < w.vectors ? lo + w.per_block : w.vectors;
-  const int64_t lo_e = int64_t(blockIdx.x) * w.per_block_edges;
-  const int64_t hi_e =
-      lo_e + w.per_block_edges < w.edges ? lo_e + w.per_block_edges : w.edges;
-  const int per_tile = kThreads / group;
-  const int member = int(threadIdx.x) % group;
-  const int64_t tiles = (C + per_tile - 1) / per_tile;
-  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
-    const int64_t c = tile * per_tile + int(threadIdx.x) / group;
+  const PlanarShare sh(w, C);
+  for (int64_t tile = blockIdx.y; tile < sh.tiles(); tile += gridDim.y) {
+    const int64_t c = sh.channel(tile);
     const bool active = c < C;
     const acc_t shift = active ? acc_t(x[c * S]) : acc_t(0);
     acc_t n = acc_t(0), mean = acc_t(0), m2 = acc_t(0);
-    if (active && lo + member < hi) {
-      PlaneCursor cur(lo + member, w.W, c, C, S);
-      while (cur.j < hi) {
+    if (active && sh.lo() + sh.member() < sh.hi()) {
+      PlaneCursor cur(sh.lo() + sh.member(), w.W, c, C, S);
+      while (cur.j < sh.hi()) {
         Pack<scalar_t, V> p[kUnroll];
         int valid = 0;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-          if (cur.j < hi) {
+          if (cur.j < sh.hi()) {
             p[u] = load_pack<V>(x + cur.vector_at<V>());
             ++valid;
           }
-          cur.advance(group, w.vector_step, w.plane_stride);
+          cur.advance(w.group, w.vector_step, w.plane_stride);
         }
         welford_add<kUnroll, V>(n, mean, m2, p, valid, shift);
       }
     }
     // V == 1: no edges (W == S).
-    if (V > 1 && active && lo_e + member < hi_e) {
-      PlaneCursor cur(lo_e + member, w.E, c, C, S);
-      while (cur.j < hi_e) {
+    if (V > 1 && active && sh.lo_e() + sh.member() < sh.hi_e()) {
+      PlaneCursor cur(sh.lo_e() + sh.member(), w.E, c, C, S);
+      while (cur.j < sh.hi_e()) {
         Pack<scalar_t, 1> p[kEdgeUnroll];
         int valid = 0;
 #pragma unroll
         for (int u = 0; u < kEdgeUnroll; ++u) {
-          if (cur.j < hi_e) {
+          if (cur.j < sh.hi_e()) {
             p[u].v[0] = x[cur.edge_at<V>(w.W)];
             ++valid;
           }
-          cur.advance(group, w.edge_step, w.plane_stride);
+          cur.advance(w.group, w.edge_step, w.plane_stride);
         }
         welford_add<kEdgeUnroll, 1>(n, mean, m2, p, valid, shift);
       }
     }
-    group_welford(n, mean, m2, group);
-    if (active && member == 0) {
+    group_welford(n, mean, m2, w.group);
+    if (active && sh.member() == 0) {
       if (splits == 1) {
         write_packed(packed, C, c, double(shift), double(mean), double(m2));
       } else {
@@ -490,7 +482,7 @@ template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
     reduce_planar_kernel(
         const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-        int64_t C, int64_t S, int group, PlanarWalk w,
+        int64_t C, int64_t S, PlanarWalk w,
         const double* __restrict__ mean, const double* __restrict__ invstd,
         const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
         bool relu, acc_t* __restrict__ partial, acc_t* __restrict__ sums) {
@@ -498,37 +490,29 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
   // the registers under the kMinReduceBlocks bound.
   constexpr int U = V * sizeof(scalar_t) >= 16 ? 2 : kUnroll;
   const int64_t splits = gridDim.x;
-  const int64_t lo = int64_t(blockIdx.x) * w.per_block;
-  const int64_t hi =
-      lo + w.per_block < w.vectors ? lo + w.per_block : w.vectors;
-  const int64_t lo_e = int64_t(blockIdx.x) * w.per_block_edges;
-  const int64_t hi_e =
-      lo_e + w.per_block_edges < w.edges ? lo_e + w.per_block_edges : w.edges;
-  const int per_tile = kThreads / group;
-  const int member = int(threadIdx.x) % group;
-  const int64_t tiles = (C + per_tile - 1) / per_tile;
-  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
-    const int64_t c = tile * per_tile + int(threadIdx.x) / group;
+  const PlanarShare sh(w, C);
+  for (int64_t tile = blockIdx.y; tile < sh.tiles(); tile += gridDim.y) {
+    const int64_t c = sh.channel(tile);
     const bool active = c < C;
     acc_t s1[V], s2[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) s1[j] = s2[j] = acc_t(0);
     ChannelConsts<acc_t> k;
     if (active) k.load(c, mean, invstd, weight, bias);
-    if (active && lo + member < hi) {
-      PlaneCursor cur(lo + member, w.W, c, C, S);
-      while (cur.j < hi) {
+    if (active && sh.lo() + sh.member() < sh.hi()) {
+      PlaneCursor cur(sh.lo() + sh.member(), w.W, c, C, S);
+      while (cur.j < sh.hi()) {
         Pack<scalar_t, V> gv[U], xv[U];
         bool ok[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          ok[u] = cur.j < hi;
+          ok[u] = cur.j < sh.hi();
           if (ok[u]) {
             const int64_t at = cur.vector_at<V>();
             gv[u] = load_pack<V>(dy + at);
             xv[u] = load_pack<V>(x + at);
           }
-          cur.advance(group, w.vector_step, w.plane_stride);
+          cur.advance(w.group, w.vector_step, w.plane_stride);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u)
@@ -544,20 +528,20 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
       }
     }
     // V == 1: no edges (W == S).
-    if (V > 1 && active && lo_e + member < hi_e) {
-      PlaneCursor cur(lo_e + member, w.E, c, C, S);
-      while (cur.j < hi_e) {
+    if (V > 1 && active && sh.lo_e() + sh.member() < sh.hi_e()) {
+      PlaneCursor cur(sh.lo_e() + sh.member(), w.E, c, C, S);
+      while (cur.j < sh.hi_e()) {
         scalar_t gv[kEdgeUnroll], xv[kEdgeUnroll];
         bool ok[kEdgeUnroll];
 #pragma unroll
         for (int u = 0; u < kEdgeUnroll; ++u) {
-          ok[u] = cur.j < hi_e;
+          ok[u] = cur.j < sh.hi_e();
           if (ok[u]) {
             const int64_t at = cur.edge_at<V>(w.W);
             gv[u] = dy[at];
             xv[u] = x[at];
           }
-          cur.advance(group, w.edge_step, w.plane_stride);
+          cur.advance(w.group, w.edge_step, w.plane_stride);
         }
 #pragma unroll
         for (int u = 0; u < kEdgeUnroll; ++u)
@@ -575,8 +559,8 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
       t1 += s1[j];
       t2 += s2[j];
     }
-    group_sum2(t1, t2, group);
-    if (active && member == 0) {
+    group_sum2(t1, t2, w.group);
+    if (active && sh.member() == 0) {
       if (splits == 1) {
         sums[c] = t1;
         sums[C + c] = acc_t(double(t2) * invstd[c]);

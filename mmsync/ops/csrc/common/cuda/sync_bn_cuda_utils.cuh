@@ -67,12 +67,50 @@ struct PlaneStep {
 };
 
 struct PlanarWalk {
+  int group;                   // threads on one channel: 32..kThreads
   int64_t W, E;                // vectors and edge elements per plane
   int64_t vectors, edges;      // of the channel: N * W, N * E
   int64_t per_block;           // vectors a block reduces
   int64_t per_block_edges;     // edge elements a block reduces
   int64_t plane_stride;        // C * S
   PlaneStep vector_step, edge_step;  // steps of `group` items
+};
+
+// This block's share of a PLANAR reduction, the same for each channel:
+// vectors [lo, hi) and edge elements [lo_e, hi_e); and this thread's place:
+// member() of the group on its channel of each tile of kThreads / group
+// channels. Computed where used, from the kernel's parameters: nothing
+// held in registers across the loops.
+struct PlanarShare {
+  const PlanarWalk& w;
+  int64_t C;
+  __device__ __forceinline__ PlanarShare(const PlanarWalk& walk,
+                                         int64_t channels)
+      : w(walk), C(channels) {}
+  __device__ __forceinline__ int64_t lo() const {
+    return int64_t(blockIdx.x) * w.per_block;
+  }
+  __device__ __forceinline__ int64_t hi() const {
+    const int64_t end = lo() + w.per_block;
+    return end < w.vectors ? end : w.vectors;
+  }
+  __device__ __forceinline__ int64_t lo_e() const {
+    return int64_t(blockIdx.x) * w.per_block_edges;
+  }
+  __device__ __forceinline__ int64_t hi_e() const {
+    const int64_t end = lo_e() + w.per_block_edges;
+    return end < w.edges ? end : w.edges;
+  }
+  __device__ __forceinline__ int member() const {
+    return int(threadIdx.x) % w.group;
+  }
+  __device__ __forceinline__ int64_t tiles() const {
+    const int per_tile = kThreads / w.group;
+    return (C + per_tile - 1) / per_tile;
+  }
+  __device__ __forceinline__ int64_t channel(int64_t tile) const {
+    return tile * (kThreads / w.group) + int(threadIdx.x) / w.group;
+  }
 };
 
 struct PlaneCursor {

@@ -192,7 +192,6 @@ void dispatch_vec(const Geometry& g, std::initializer_list<const void*> ptrs,
 // each block its share of the channel's vectors and edge elements.
 struct PlanarPlan {
   int64_t splits, grid_c;
-  int group;
   cuda::PlanarWalk walk;
   dim3 grid() const { return dim3(unsigned(splits), unsigned(grid_c)); }
 };
@@ -218,10 +217,10 @@ PlanarPlan plan_planar(const Geometry& g, int V, Kernel* kernel) {
   // Loads of one channel; the fewest threads per channel (a warp at least)
   // that leave each at most one batch of kUnroll, a whole block beyond.
   const int64_t loads = w.vectors + w.edges;
-  p.group = 32;
-  while (p.group < kThreads && int64_t(p.group) * kUnroll < loads)
-    p.group *= 2;
-  p.grid_c = std::min<int64_t>(ceil_div(g.C, kThreads / p.group), 65535);
+  w.group = 32;
+  while (w.group < kThreads && int64_t(w.group) * kUnroll < loads)
+    w.group *= 2;
+  p.grid_c = std::min<int64_t>(ceil_div(g.C, kThreads / w.group), 65535);
   // Each thread should see at least one batch of kUnroll loads.
   const int64_t most =
       std::max<int64_t>(1, loads / (int64_t(kThreads) * kUnroll));
@@ -232,8 +231,8 @@ PlanarPlan plan_planar(const Geometry& g, int V, Kernel* kernel) {
   p.splits = std::max<int64_t>(
       {int64_t(1), w.per_block > 0 ? ceil_div(w.vectors, w.per_block) : 0,
        w.per_block_edges > 0 ? ceil_div(w.edges, w.per_block_edges) : 0});
-  w.vector_step = plane_step(p.group, w.W, w.plane_stride);
-  w.edge_step = plane_step(p.group, w.E, w.plane_stride);
+  w.vector_step = plane_step(w.group, w.W, w.plane_stride);
+  w.edge_step = plane_step(w.group, w.E, w.plane_stride);
   return p;
 }
 
@@ -363,8 +362,8 @@ void launch_stats(const Tensor& input, const Geometry& g, double weight,
             plan_planar(g, V, &cuda::stats_planar_kernel<scalar_t, acc_t, V>);
         acc_t* part = partials(p.splits);
         cuda::stats_planar_kernel<scalar_t, acc_t, V>
-            <<<p.grid(), kThreads, 0, stream>>>(x, g.C, g.S, p.group, p.walk,
-                                                part, packed, weight, count);
+            <<<p.grid(), kThreads, 0, stream>>>(x, g.C, g.S, p.walk, part,
+                                                packed, weight, count);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       },
       [&](auto vc) {
@@ -582,8 +581,8 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
               acc_t* part = partials(p.splits);
               cuda::reduce_planar_kernel<scalar_t, acc_t, V>
                   <<<p.grid(), kThreads, 0, stream>>>(
-                      dy, x, g.C, g.S, p.group, p.walk, pm, pi, pw, pb, relu,
-                      part, out);
+                      dy, x, g.C, g.S, p.walk, pm, pi, pw, pb, relu, part,
+                      out);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             },
             [&](auto vc) {
