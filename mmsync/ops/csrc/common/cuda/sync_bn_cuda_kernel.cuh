@@ -13,13 +13,12 @@ namespace cuda {
 // Local statistics. Each PLANAR block reduces its share of the vectors and
 // of the edge elements (see PlanarWalk) of `kThreads / group` channels at
 // once, `group` threads on each: small planes and batches keep the block
-// busy. Each ROWS block reduces
-// `rows_per_block` rows. Both reduce to (n, mean, M2) of x - shift, shift
-// being the channel's first element: the float32 moments then keep their
-// precision relative to the spread, not to |mean| (mean >> std). The
-// partials ([3][splits][C]: n, mean, M2, then shift[C]) are merged by
-// stats_merge_kernel; a grid of one split writes the packed row (mean, M2)
-// directly.
+// busy. Each ROWS block reduces `rows_per_block` rows. Both reduce to
+// (n, mean, M2) of x - shift, shift being the channel's first element: the
+// float32 moments then keep their precision relative to the spread, not to
+// |mean| (mean >> std). The partials ([3][splits][C]: n, mean, M2, then
+// shift[C]) are merged by stats_merge_kernel; a grid of one split writes the
+// packed row (mean, M2) directly.
 
 // Edge elements (scalars) a PLANAR reduction thread loads before using any.
 constexpr int kEdgeUnroll = 2;

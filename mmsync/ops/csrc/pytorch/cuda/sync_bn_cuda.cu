@@ -105,15 +105,16 @@ bool aligned_to(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
 }
 
-// Widest vector of vmax, vmax / 2 or 1 elements that divides `extent` (0:
-// any width; the flat kernels handle a tail) and to which every pointer is
-// aligned (vmax / 2 skipped unless `halves`): exactly the widths with_vec3
-// (halves) and with_vec2 instantiate.
-int pick_vec(int vmax, int64_t elem_size, int64_t extent,
-             std::initializer_list<const void*> ptrs, bool halves) {
+// Widest vector of vmax, vmax / 2 or 1 elements that `fits(v)` the tensor
+// and to which every pointer is aligned (vmax / 2 skipped unless `halves`):
+// exactly the widths with_vec3 (halves) and with_vec2 instantiate.
+template <typename Fits>
+int pick_vec(int vmax, int64_t elem_size,
+             std::initializer_list<const void*> ptrs, bool halves,
+             Fits&& fits) {
   for (const int v : {vmax, halves ? vmax / 2 : 1}) {
     if (v <= 1) break;
-    bool ok = extent % v == 0;
+    bool ok = fits(v);
     for (const void* p : ptrs) ok = ok && aligned_to(p, v * elem_size);
     if (ok) return v;
   }
@@ -155,20 +156,6 @@ int64_t plane_vectors(int64_t S, int V) {
   return S > before ? (S - before) / V : 0;
 }
 
-// Vector width of a PLANAR reduction: the widest of VMAX, VMAX / 2 to which
-// every pointer is aligned and whose vectors cover at least half of every
-// plane (7x7 planes: 40 of 49 halves, 44 of 49 floats), else 1.
-int planar_reduce_vec(int vmax, int64_t elem_size, int64_t S,
-                      std::initializer_list<const void*> ptrs) {
-  for (const int v : {vmax, vmax / 2}) {
-    if (v <= 1) break;
-    bool ok = 2 * plane_vectors(S, v) * v >= S;
-    for (const void* p : ptrs) ok = ok && aligned_to(p, v * elem_size);
-    if (ok) return v;
-  }
-  return 1;
-}
-
 // Calls planar(V) or rows(V) (V as std::integral_constant) with the widest
 // vector of scalar_t every pointer allows: ROWS passes by the channels they
 // vectorize and PLANAR reductions by the plane size (VMAX, VMAX / 2 or 1),
@@ -179,11 +166,22 @@ void dispatch_vec(const Geometry& g, std::initializer_list<const void*> ptrs,
   constexpr int VMAX = vec_max<scalar_t>();
   const int64_t size = sizeof(scalar_t);
   if (g.layout == Layout::kRows) {
-    with_vec3<VMAX>(pick_vec(VMAX, size, g.C, ptrs, true), rows);
+    // Vectors of channels: V divides C.
+    with_vec3<VMAX>(
+        pick_vec(VMAX, size, ptrs, true, [&](int v) { return g.C % v == 0; }),
+        rows);
   } else if constexpr (kReduction) {
-    with_vec3<VMAX>(planar_reduce_vec(VMAX, size, g.S, ptrs), planar);
+    // Vectors inside each plane, covering at least half of it (7x7 planes:
+    // 40 of 49 halves, 44 of 49 floats).
+    with_vec3<VMAX>(pick_vec(VMAX, size, ptrs, true,
+                             [&](int v) {
+                               return 2 * plane_vectors(g.S, v) * v >= g.S;
+                             }),
+                    planar);
   } else {
-    with_vec2<VMAX>(pick_vec(VMAX, size, 0, ptrs, false), planar);
+    // Flat walks: any width (a vector that spans planes goes element-wise).
+    with_vec2<VMAX>(pick_vec(VMAX, size, ptrs, false, [](int) { return true; }),
+                    planar);
   }
 }
 
