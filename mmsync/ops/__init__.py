@@ -1,3 +1,7 @@
-from .sync_bn import SyncBatchNorm, SyncBatchNormFunction, sync_subgroup
+from .sync_bn import (LazySyncBatchNorm, SyncBatchNorm, SyncBatchNormFunction,
+                      sync_subgroup)
 
-__all__ = ['SyncBatchNorm', 'SyncBatchNormFunction', 'sync_subgroup']
+__all__ = [
+    'LazySyncBatchNorm', 'SyncBatchNorm', 'SyncBatchNormFunction',
+    'sync_subgroup'
+]

@@ -13,22 +13,29 @@ The backward group sum is one all_gather and a local sum in rank order for
 groups of up to ``GATHER_MAX_RANKS`` (8) ranks, one all_reduce beyond.
 
 Nothing of input size is saved for backward besides the input itself.
+A forward that activation checkpointing recomputes during backward reuses
+the global statistics of the forward it repeats (``sync_bn_recompute``): no
+collective, no second running-stat update, bit-identical output.
 Under ``torch.compile`` dynamo turns both collectives into functional ones
 inside the graph (no graph break). ``MMSYNC_CHECK_SYNC=1`` adds one small
 all_gather before each collective to check that the ranks agree.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from ..registry import NORM_LAYERS
 from ..utils import load_ext
 from .sync_bn_comm import (STATS_MODES, SyncCheck, check_sync_enabled,
                            gather_rows, group_sum, sync_subgroup)
+from .sync_bn_recompute import (StatsRecord, find_record, keep_record,
+                                pick_record)
 
 ext_module = load_ext('_ext', [
     'sync_bn_forward_stats', 'sync_bn_forward_finalize',
@@ -110,6 +117,33 @@ def _empty_in_kernel_layout(x: torch.Tensor) -> torch.Tensor:
 _register_fake_kernels()
 
 
+def _once_differentiable(backward):
+    """``torch.autograd.function.once_differentiable`` with an error that
+    names the layer, raised whenever gradients computed with
+    ``create_graph=True`` are differentiated again (also where the incoming
+    gradient is a constant: grad_input still depends on the input and
+    weight, so treating it as a constant would be a silent wrong answer)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        error = torch._C._functions.DelayedError(
+            b'MMSyncBN does not support double backward: its gradients were '
+            b'computed with create_graph=True and then differentiated again '
+            b'(e.g. a gradient penalty through a synchronized batch norm); '
+            b'use BatchNorm or revert_sync_batchnorm for that part',
+            len(outputs))
+        return error(*[
+            o.detach().requires_grad_() if o is not None else None
+            for o in outputs
+        ])
+
+    return wrapper
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Autograd of synchronized BN: one collective each way.
 
@@ -119,9 +153,22 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def symbolic(g, input, weight, bias, running_mean, running_var,
-                 num_batches_tracked, momentum, eps, group, group_size,
-                 stats_mode, relu, check):
+    def symbolic(g,
+                 input,
+                 weight,
+                 bias,
+                 running_mean,
+                 running_var,
+                 num_batches_tracked,
+                 momentum,
+                 eps,
+                 group,
+                 group_size,
+                 stats_mode,
+                 relu,
+                 check,
+                 recompute=None,
+                 keep=None):
         """ONNX (TorchScript exporter, training mode): one node
         ``mmsync::MMSyncBatchNorm`` with inputs X[, scale, B][, mean, var]
         and what a runtime needs to synchronize as attributes."""
@@ -144,39 +191,60 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 input.type())
 
     @staticmethod
-    def forward(ctx, input: torch.Tensor, weight: Optional[torch.Tensor],
+    def forward(ctx,
+                input: torch.Tensor,
+                weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor],
                 running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor],
                 num_batches_tracked: Optional[torch.Tensor],
-                momentum: Optional[float], eps: float, group, group_size: int,
-                stats_mode: str, relu: bool,
-                check: Optional[SyncCheck]) -> torch.Tensor:
-        if check is not None:
-            check(group, 0, input.size(1), input.dtype, stats_mode,
-                  input.device)
+                momentum: Optional[float],
+                eps: float,
+                group,
+                group_size: int,
+                stats_mode: str,
+                relu: bool,
+                check: Optional[SyncCheck],
+                recompute=None,
+                keep=None) -> torch.Tensor:
         if not _dense_layout(input):
             input = input.contiguous()
         by_count = stats_mode == 'N'
         count = input.numel() // input.size(1) if input.size(1) else 0
-        stats = ext_module.sync_bn_forward_stats(input, by_count)
-        # An ONNX export replaces this function by its symbolic node; the
-        # traced run only needs local values.
-        if group_size > 1 and not torch.onnx.is_in_onnx_export():
-            stats = gather_rows(stats, group, group_size, 'forward statistics')
-        elif count == 1:
-            # Alone, this rank knows without reading the device; a group
-            # holding one value in all is caught by finalize (an error on
-            # CPU, a device-side assertion on CUDA: no host sync).
-            raise ValueError('Expected more than 1 value per channel when '
-                             'training, got input size '
-                             f'{tuple(input.shape)}')
-        # Merges the ranks' rows in rank order. mean and invstd stay float64
-        # (O(C)): the kernels split the mean into hi + lo parts so that
-        # x - mean is exact when mean >> std.
-        mean, invstd, scale = ext_module.sync_bn_forward_finalize(
-            stats, running_mean, running_var, num_batches_tracked, momentum,
-            eps, count, by_count, torch.float64)
+        if recompute is not None:
+            # Activation checkpointing runs this forward again: the first
+            # run's global statistics, no collective, no running-stat update.
+            row = None
+            if len(recompute) > 1:
+                row = ext_module.sync_bn_forward_stats(input, by_count)
+            record = pick_record(recompute, row)
+            mean, invstd, scale = record.mean, record.invstd, record.scale
+        else:
+            if check is not None:
+                check(group, 0, input.size(1), input.dtype, stats_mode,
+                      input.device)
+            stats = ext_module.sync_bn_forward_stats(input, by_count)
+            row = stats
+            # An ONNX export replaces this function by its symbolic node;
+            # the traced run only needs local values.
+            if group_size > 1 and not torch.onnx.is_in_onnx_export():
+                stats = gather_rows(stats, group, group_size,
+                                    'forward statistics')
+            elif count == 1:
+                # Alone, this rank knows without reading the device; a group
+                # holding one value in all is caught by finalize (an error
+                # on CPU, a device-side assertion on CUDA: no host sync).
+                raise ValueError('Expected more than 1 value per channel '
+                                 'when training, got input size '
+                                 f'{tuple(input.shape)}')
+            # Merges the ranks' rows in rank order. mean and invstd stay
+            # float64 (O(C)): the kernels split the mean into hi + lo parts
+            # so that x - mean is exact when mean >> std.
+            mean, invstd, scale = ext_module.sync_bn_forward_finalize(
+                stats, running_mean, running_var, num_batches_tracked,
+                momentum, eps, count, by_count, torch.float64)
+            if keep is not None:
+                keep_record(keep, StatsRecord(row, count, mean, invstd, scale))
         output = ext_module.sync_bn_forward_output(input, mean, invstd, weight,
                                                    bias, relu)
         ctx.save_for_backward(input, weight, bias, mean, invstd, scale)
@@ -188,7 +256,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         input, weight, bias, mean, invstd, scale = ctx.saved_tensors
         channels = input.size(1)
@@ -199,7 +267,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
                                                   invstd, weight, bias,
                                                   ctx.relu)
         if ctx.group_size > 1:
-            sums = group_sum(sums, ctx.group, ctx.group_size,
+            # In float64 whatever the input's dtype: the ranks' buffers must
+            # match even where their inputs' dtypes differ (and the sum over
+            # ranks loses nothing).
+            sums = group_sum(sums.double(), ctx.group, ctx.group_size,
                              'backward gradient sums')
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -213,7 +284,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = sums[:channels].to(bias.dtype)
         return (grad_input, grad_weight, grad_bias, None, None, None, None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 @NORM_LAYERS.register_module(name='MMSyncBN')
@@ -254,7 +325,16 @@ class SyncBatchNorm(_BatchNorm):
             with the same channels, dtype and stats_mode, and raise the same
             error on every rank when not (one small extra all_gather per
             collective, for debugging). ``None`` follows the environment
-            variable ``MMSYNC_CHECK_SYNC``. Default: None.
+            variable ``MMSYNC_CHECK_SYNC``. With it, an invalid input on one
+            rank raises on every rank of the group. Default: None.
+        device (torch.device, optional): Where the parameters and buffers
+            are created (``torch.nn.utils.skip_init`` passes 'meta').
+            Default: None.
+        dtype (torch.dtype, optional): Their dtype. Default: None.
+
+    A forward that activation checkpointing recomputes during backward
+    reuses the statistics of the forward it repeats: no collective and no
+    second running-stat update (see ``mmsync.ops.sync_bn_recompute``).
     """
 
     def __init__(self,
@@ -267,7 +347,9 @@ class SyncBatchNorm(_BatchNorm):
                  stats_mode: str = 'default',
                  act: Optional[str] = None,
                  group_size: Optional[int] = None,
-                 check_sync: Optional[bool] = None):
+                 check_sync: Optional[bool] = None,
+                 device=None,
+                 dtype=None):
         check_stats_mode(stats_mode)
         check_act(act)
         if group_size is not None:
@@ -278,8 +360,14 @@ class SyncBatchNorm(_BatchNorm):
             if group is not None:
                 raise ValueError('pass either group or group_size to '
                                  'MMSyncBN, not both')
-        super().__init__(num_features, eps, momentum, affine,
-                         track_running_stats)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype)
         self.group = group
         self.stats_mode = stats_mode
         self.act = act
@@ -300,10 +388,24 @@ class SyncBatchNorm(_BatchNorm):
             group = sync_subgroup(self.subgroup_size)
         return group, dist.get_world_size(group)
 
+    def _sync_size(self) -> int:
+        """The size ``_sync_group`` gives, without creating any group."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        if self.subgroup_size is not None:
+            return self.subgroup_size
+        return dist.get_world_size(self.group)
+
     @property
     def group_size(self) -> int:
-        """Ranks in the synchronized group (1 without torch.distributed)."""
-        return self._sync_group()[1]
+        """Ranks in the synchronized group (1 without torch.distributed).
+        Reading it (or printing the layer) never communicates."""
+        return self._sync_size()
+
+    def _check_enabled(self) -> bool:
+        if self.check_sync is None:
+            return check_sync_enabled()
+        return bool(self.check_sync)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -321,28 +423,86 @@ class SyncBatchNorm(_BatchNorm):
                             f'bfloat16 input, got {input.dtype}')
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-        if not self.training and self.running_mean is not None:
+        synced = self.training or self.running_mean is None
+        group, group_size, check = None, 1, None
+        if synced:
+            group, group_size = self._sync_group()
+            if group_size > 1 and self._check_enabled():
+                check = self._sync_check
+        try:
+            self._check_input_dim(input)
+        except (ValueError, TypeError) as error:
+            if check is not None:
+                check.bad_input(group, input, self.stats_mode, error)
+            raise
+        if not synced:
             output = F.batch_norm(input, self.running_mean, self.running_var,
                                   self.weight, self.bias, False, 0.0, self.eps)
             return F.relu(output) if self.act == 'relu' else output
+        recompute, keep = find_record(self, input)
         tracking = self.training and self.track_running_stats
-        group, group_size = self._sync_group()
-        check = self.check_sync
-        if check is None:
-            check = check_sync_enabled()
+        if (tracking and recompute is None
+                and self.num_batches_tracked is not None):
+            self.num_batches_tracked.add_(1)
         return SyncBatchNormFunction.apply(
             input, self.weight, self.bias,
             self.running_mean if tracking else None,
             self.running_var if tracking else None,
             self.num_batches_tracked if tracking else None, self.momentum,
             self.eps, group if group_size > 1 else None, group_size,
-            self.stats_mode, self.act == 'relu',
-            self._sync_check if check and group_size > 1 else None)
+            self.stats_mode, self.act == 'relu', check, recompute, keep)
 
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, group_size={self.group_size}, '
                 f'stats_mode={self.stats_mode!r}' +
                 (f', act={self.act!r}' if self.act else ''))
+
+
+class LazySyncBatchNorm(LazyModuleMixin, SyncBatchNorm):
+    """MMSyncBN whose ``num_features`` is read from the first input, as
+    ``torch.nn.LazyBatchNorm2d``'s is: what ``convert_sync_batchnorm`` makes
+    of a lazy BatchNorm not yet run. It becomes a ``SyncBatchNorm`` at the
+    first forward. Takes ``SyncBatchNorm``'s arguments but ``num_features``.
+    """
+
+    cls_to_become = SyncBatchNorm
+
+    def __init__(self,
+                 eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1,
+                 affine: bool = True,
+                 track_running_stats: bool = True,
+                 device=None,
+                 dtype=None,
+                 **kwargs):
+        factory = dict(device=device, dtype=dtype)
+        # Created without parameters and buffers (num_features=0), which
+        # stand uninitialized until the first input.
+        super().__init__(0, eps, momentum, False, False, **factory, **kwargs)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = UninitializedParameter(**factory)
+            self.bias = UninitializedParameter(**factory)
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory)
+            self.running_var = UninitializedBuffer(**factory)
+            self.num_batches_tracked = torch.tensor(
+                0, dtype=torch.long, device=device)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def initialize_parameters(self, input: torch.Tensor) -> None:
+        if not self.has_uninitialized_params():
+            return
+        if input.dim() < 2:
+            self._check_input_dim(input)  # the error SyncBatchNorm gives
+        self.num_features = input.size(1)
+        shape = (self.num_features, )
+        for tensor in (self.weight, self.bias, self.running_mean,
+                       self.running_var):
+            if tensor is not None:
+                tensor.materialize(shape)
+        self.reset_parameters()

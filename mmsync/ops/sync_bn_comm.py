@@ -76,7 +76,8 @@ def group_sum(tensor: torch.Tensor, group, group_size: int,
         raise _failed(what, group, e) from e
 
 
-_CHECK_FIELDS = ('phase', 'layer', 'call', 'channels', 'dtype', 'stats_mode')
+_CHECK_FIELDS = ('phase', 'layer', 'call', 'channels', 'dtype', 'stats_mode',
+                 'valid')
 _PHASES = ('forward', 'backward')
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _layer_ids = itertools.count()
@@ -86,11 +87,13 @@ class SyncCheck:
     """Opt-in check that every rank of a group makes the same call.
 
     Before each collective, the ranks exchange (phase, layer, call count,
-    channels, dtype, stats_mode) in one fixed-size all_gather; when any field
-    differs, every rank raises the same RuntimeError listing each rank's
-    values, instead of pairing mismatched collectives (which hangs or
-    mixes up data). A layer is named by the order of construction in its
-    process, so the ranks must build their models the same way.
+    channels, dtype, stats_mode, whether the input is valid) in one fixed-size all_gather; when any field differs, or a rank's
+    input is invalid, every rank raises the same RuntimeError listing each
+    rank's values (the rank with the invalid input raises its own error),
+    instead of pairing mismatched collectives (which hangs or mixes up
+    data) or leaving the healthy ranks waiting. A layer is named by the
+    order of construction in its process, so the ranks must build their
+    models the same way.
     """
 
     def __init__(self):
@@ -99,33 +102,57 @@ class SyncCheck:
 
     def __call__(self, group, phase: int, channels: int, dtype: torch.dtype,
                  stats_mode: str, device: torch.device) -> None:
+        self._exchange(group, phase, channels, dtype, stats_mode, device, True)
+
+    def bad_input(self, group, input: torch.Tensor, stats_mode: str,
+                  error: Exception):
+        """Report this rank's invalid forward ``input`` to the whole group,
+        then raise ``error`` here (the others raise the check's error)."""
+        channels = input.size(1) if input.dim() >= 2 else -1
+        self._exchange(group, 0, channels, input.dtype, stats_mode,
+                       input.device, False)
+        raise error
+
+    def _exchange(self, group, phase: int, channels: int, dtype: torch.dtype,
+                  stats_mode: str, device: torch.device, valid: bool):
         self.calls[phase] += 1
         fields = [
             phase, self.layer, self.calls[phase], channels,
             _DTYPES.index(dtype) if dtype in _DTYPES else -1,
-            STATS_MODES.index(stats_mode)
+            STATS_MODES.index(stats_mode),
+            int(valid)
         ]
         # On the input's device: NCCL gathers CUDA tensors only.
         mine = torch.tensor(fields, device=device)
-        gathered = [
-            torch.empty_like(mine) for _ in range(dist.get_world_size(group))
-        ]
-        dist.all_gather(gathered, mine, group=group)
-        table = torch.stack(gathered).cpu()
+        size = dist.get_world_size(group)
+        try:
+            table = _gather(mine, group, size).cpu()
+        except RuntimeError as e:
+            raise _failed(
+                f'consistency check ({CHECK_ENV}) before a '
+                f'{_PHASES[phase]}', group, e) from e
+        rows = '; '.join(
+            f'group rank {r}: ' +
+            ', '.join(f'{name}={_describe(name, v)}'
+                      for name, v in zip(_CHECK_FIELDS, row.tolist()))
+            for r, row in enumerate(table))
+        invalid = [r for r, ok in enumerate(table[:, -1].tolist()) if not ok]
+        if invalid:
+            if not valid:
+                return  # the caller raises its own error
+            raise RuntimeError(
+                f'MMSyncBN consistency check ({CHECK_ENV}): group rank(s) '
+                f'{invalid} of {size} got an invalid input before a forward '
+                f'collective (their own error says why): {rows}')
         differ = [
-            name for i, name in enumerate(_CHECK_FIELDS)
+            name for i, name in enumerate(_CHECK_FIELDS[:-1])
             if (table[:, i] != table[0, i]).any()
         ]
         if differ:
-            rows = '; '.join(
-                f'group rank {r}: ' +
-                ', '.join(f'{name}={_describe(name, v)}'
-                          for name, v in zip(_CHECK_FIELDS, row.tolist()))
-                for r, row in enumerate(table))
             raise RuntimeError(
                 f'MMSyncBN consistency check ({CHECK_ENV}): the ranks of a '
-                f'group of {len(gathered)} disagree on {", ".join(differ)} '
-                f'before a {_PHASES[phase]} collective: {rows}')
+                f'group of {size} disagree on {", ".join(differ)} before a '
+                f'{_PHASES[phase]} collective: {rows}')
 
 
 def _describe(field: str, value: int):
@@ -135,6 +162,8 @@ def _describe(field: str, value: int):
         return str(_DTYPES[value]) if value >= 0 else 'unsupported'
     if field == 'stats_mode':
         return repr(STATS_MODES[value])
+    if field == 'valid':
+        return bool(value)
     return value
 
 

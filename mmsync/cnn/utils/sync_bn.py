@@ -12,14 +12,16 @@ whose batch normalization is MMSyncBN's; ``revert_sync_batchnorm`` gives the
 original class back.
 """
 import copy
+import types
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
-from ...ops import SyncBatchNorm
+from ...ops import LazySyncBatchNorm, SyncBatchNorm
 from ...ops.sync_bn import check_act, check_stats_mode
 
 
@@ -84,17 +86,50 @@ def _share_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:
     return target
 
 
+# nn.Module's hook dicts (those this torch has), moved as they are so that
+# the handles a user holds still remove them.
+HOOK_DICTS = tuple(
+    name for name in vars(nn.Module())
+    if name.endswith('_hooks') or '_hooks_' in name)
+# What a lazy module registers on itself (a lazy target has its own).
+_LAZY_HOOKS = (LazyModuleMixin._infer_parameters,
+               LazyModuleMixin._lazy_load_hook)
+
+
+def _move_hooks(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Give ``target`` the hooks of ``source`` (which it replaces): the same
+    dicts, with methods bound to ``source`` bound to ``target`` instead; a
+    target with hooks of its own (a lazy layer) gets them added."""
+    for name in HOOK_DICTS:
+        hooks = getattr(source, name, None)
+        if not isinstance(hooks, dict):
+            continue
+        for key, hook in list(hooks.items()):
+            if getattr(hook, '__func__', None) in _LAZY_HOOKS:
+                del hooks[key]
+            elif getattr(hook, '__self__', None) is source:
+                hooks[key] = types.MethodType(hook.__func__, target)
+        own = target.__dict__.get(name)
+        if own:
+            own.update(hooks)
+        else:
+            target.__dict__[name] = hooks
+    return target
+
+
 def _rebuild(cls: type, source: nn.Module, drop: Tuple[str, ...] = (),
              **extra) -> nn.Module:
     """An instance of ``cls`` holding ``source``'s state, without __init__.
 
     Parameters, buffers and submodules are shared (their dicts are copied,
-    not their tensors); ``drop`` names attributes left out, ``extra`` adds
+    not their tensors; hook dicts are shared, see ``_move_hooks``); ``drop`` names attributes left out, ``extra`` adds
     attributes.
     """
     target = cls.__new__(cls)
     state = {
-        key: copy.copy(value) if isinstance(value, (dict, set)) else value
+        key:
+        copy.copy(value)
+        if isinstance(value, (dict, set)) and key not in HOOK_DICTS else value
         for key, value in vars(source).items() if key not in drop
     }
     state.update(extra)
@@ -217,6 +252,15 @@ SYNC_ATTRS = LAYER_ATTRS + ('_mmsync_reached', '_mmsync_added')
 def _to_sync(module: _BatchNorm, group, stats_mode: str,
              group_size: Optional[int]) -> SyncBatchNorm:
     """MMSyncBN computing what ``module`` computes, sharing its state."""
+    if (group is None and group_size is None
+            and isinstance(module, nn.SyncBatchNorm)):
+        group = module.process_group  # torch's layer keeps its group
+    if isinstance(module, LazyModuleMixin):
+        if module.has_uninitialized_params():
+            return _lazy_to_sync(module, group, stats_mode, group_size)
+        raise TypeError(f'convert_sync_batchnorm: {type(module).__name__} '
+                        'holds initialized parameters but is still lazy; '
+                        'run a forward or convert it before its first one')
     if _is_plain(module):
         # Only our own BatchNormXd's act is known to mean a fused ReLU.
         act = module.act if isinstance(module, BatchNormXd) else None
@@ -250,6 +294,30 @@ def _to_sync(module: _BatchNorm, group, stats_mode: str,
         _mmsync_added=added,
         **{name: getattr(template, name)
            for name in added})
+
+
+def _lazy_to_sync(module: _BatchNorm, group, stats_mode: str,
+                  group_size: Optional[int]) -> LazySyncBatchNorm:
+    """A lazy BatchNorm not yet run: a lazy MMSyncBN, whose channels come
+    from its first input as the source's would have (nothing to share)."""
+    if type(module).forward is not _BatchNorm.forward:
+        raise TypeError(f'convert_sync_batchnorm: cannot convert '
+                        f'{type(module).__qualname__}, a lazy BatchNorm with '
+                        'its own forward, before its first forward')
+    factory = {}
+    if module.weight is not None:
+        factory = dict(device=module.weight.device, dtype=module.weight.dtype)
+    layer = LazySyncBatchNorm(
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        group=group,
+        stats_mode=stats_mode,
+        group_size=group_size,
+        **factory)
+    layer.training = module.training
+    return layer
 
 
 def convert_sync_batchnorm(module: nn.Module,
@@ -294,6 +362,8 @@ def convert_sync_batchnorm(module: nn.Module,
     elif (isinstance(module, _BatchNorm)
           and not isinstance(module, SyncBatchNorm)):
         module_output = _to_sync(module, group, stats_mode, group_size)
+    if module_output is not module:
+        _move_hooks(module, module_output)
     for name, child in module.named_children():
         module_output.add_module(
             name, convert_sync_batchnorm(child, group, stats_mode, group_size))
@@ -302,6 +372,10 @@ def convert_sync_batchnorm(module: nn.Module,
 
 def _local_sync_group(self) -> Tuple[None, int]:
     return None, 1
+
+
+def _local_sync_size(self) -> int:
+    return 1
 
 
 _local_classes: Dict[type, type] = {}
@@ -317,6 +391,7 @@ def local_class_of(cls: type) -> type:
                 __doc__=f'{cls.__qualname__} normalizing each rank alone.',
                 _mmsync_local_of=cls,
                 _sync_group=_local_sync_group,
+                _sync_size=_local_sync_size,
                 __reduce__=_reduce_local))
     return _local_classes[cls]
 
@@ -366,6 +441,8 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     elif (isinstance(module, SyncBatchNorm)
           and getattr(cls, '_mmsync_local_of', None) is None):
         module_output = _rebuild(local_class_of(cls), module)
+    if module_output is not module:
+        _move_hooks(module, module_output)
     for name, child in module.named_children():
         module_output.add_module(name, revert_sync_batchnorm(child))
     return module_output
