@@ -249,3 +249,67 @@ class TestRoundTrip:
         result = reverted.load_state_dict(sync_model.state_dict())
         assert not result.missing_keys and not result.unexpected_keys
         assert set(reverted.state_dict()) == set(bn_model.state_dict())
+
+
+class _BoundHookBN(nn.BatchNorm2d):
+    """A BatchNorm subclass registering one of its own methods as a hook."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.seen = []
+        self.register_forward_hook(self.remember)
+
+    def remember(self, module, inputs, output):
+        self.seen.append(module is self)
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+class TestHooksAndLazy:
+
+    def test_hooks_follow_the_converted_and_reverted_layer(self):
+        """A plain hook and a subclass's bound-method hook run on the new
+        layer (bound to it), and a handle taken before still removes its
+        hook (torch's convert drops them all)."""
+        model = nn.Sequential(nn.BatchNorm2d(3), _BoundHookBN(3))
+        calls = []
+        handle = model[0].register_forward_hook(
+            lambda m, i, o: calls.append(type(m).__name__))
+        pre = model[0].register_forward_pre_hook(
+            lambda m, i: calls.append('pre'))
+        model = convert_sync_batchnorm(model)
+        x = torch.randn(4, 3, 2, 2)
+        model(x)
+        assert calls == ['pre', 'SyncBatchNorm']
+        assert model[1].seen == [True]
+        handle.remove()
+        model(x)
+        assert calls == ['pre', 'SyncBatchNorm', 'pre']
+        model = revert_sync_batchnorm(model)
+        model(x)
+        assert calls[-1] == 'pre' and len(calls) == 4
+        assert model[1].seen == [True, True, True]
+        pre.remove()
+        model(x)
+        assert len(calls) == 4
+
+    @pytest.mark.parametrize('lazy', [nn.LazyBatchNorm1d, nn.LazyBatchNorm2d])
+    def test_lazy_batchnorm_becomes_lazy_mmsyncbn(self, lazy):
+        """A lazy BatchNorm not yet run converts to a lazy MMSyncBN that
+        takes its channels from the first input and then trains like
+        BatchNorm (it used to become SyncBatchNorm(0) and fail)."""
+        torch.manual_seed(0)
+        source = lazy(momentum=0.3)
+        layer = convert_sync_batchnorm(source)
+        shape = (6, 5) if lazy is nn.LazyBatchNorm1d else (6, 5, 3, 3)
+        x = torch.randn(shape, dtype=torch.float64)
+        ref = lazy(momentum=0.3).double()
+        y = layer.double()(x)
+        assert type(layer) is SyncBatchNorm and layer.num_features == 5
+        assert layer.stats_mode == 'N' and layer.momentum == 0.3
+        torch.testing.assert_close(y, ref(x))
+        torch.testing.assert_close(layer.running_var, ref.running_var)
+        run = lazy()
+        run(torch.randn(shape))  # initialized: a plain BatchNorm now
+        assert type(convert_sync_batchnorm(run)) is SyncBatchNorm

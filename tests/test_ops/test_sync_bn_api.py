@@ -314,6 +314,33 @@ class TestModule:
         torch.testing.assert_close(layer.running_var, ref.running_var)
         assert layer.num_batches_tracked.item() == 4
 
+    def test_num_batches_tracked_none(self):
+        """torch allows num_batches_tracked=None: training works and, as in
+        BatchNorm2d, momentum=None then leaves the running stats alone."""
+        x = torch.randn(4, 3, 5, dtype=torch.float64)
+        for momentum in (0.1, None):
+            layer = SyncBatchNorm(3, momentum=momentum).double()
+            ref = nn.BatchNorm1d(3, momentum=momentum).double()
+            layer.num_batches_tracked = ref.num_batches_tracked = None
+            torch.testing.assert_close(layer(x), ref(x))
+            torch.testing.assert_close(layer.running_var, ref.running_var)
+            torch.testing.assert_close(layer.running_mean, ref.running_mean)
+
+    def test_factory_arguments(self):
+        """device/dtype as torch's layers take them: skip_init and
+        build_norm_layer(dict(type='MMSyncBN', dtype=...)) work as for
+        'BN'."""
+        from mmsync.cnn import build_norm_layer
+        layer = nn.utils.skip_init(SyncBatchNorm, 3)
+        assert layer.weight.device.type == 'cpu' and layer.num_features == 3
+        for name in ('MMSyncBN', 'BN'):
+            _, layer = build_norm_layer(
+                dict(type=name, dtype=torch.float64), 3)
+            assert layer.weight.dtype == layer.running_var.dtype == (
+                torch.float64)
+        layer = SyncBatchNorm(3, device='meta')
+        assert layer.running_mean.is_meta
+
     def test_torch_compile_fullgraph(self):
         torch.manual_seed(0)
         model = nn.Sequential(

@@ -9,13 +9,14 @@ import traceback
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from dist_utils import free_port, join_group, run_distributed
 from sync_bn_cases import no_compile_cache
 
-from mmsync.cnn import build_norm_layer
+from mmsync.cnn import build_norm_layer, convert_sync_batchnorm
 from mmsync.ops import SyncBatchNorm
 from mmsync.ops.sync_bn_comm import _subgroups, sync_subgroup
 
@@ -219,13 +220,128 @@ def test_check_sync_world_one(check_sync):
         layer(x), F.batch_norm(x, None, None, training=True))
 
 
+def _bad_input_world(rank, world_size):
+    """Rank 1 passes an input of the wrong channels, then a 1D one."""
+    layer = SyncBatchNorm(3, check_sync=True)
+    out = []
+    for bad in (torch.randn(4, 5, 2), torch.randn(4)):
+        x = bad if rank == 1 else torch.randn(4, 3, 2)
+        start = time.monotonic()
+        try:
+            layer(x)
+        except (RuntimeError, ValueError) as e:
+            out.append((type(e).__name__, str(e), time.monotonic() - start))
+    # Nobody was left inside a collective: the group still works.
+    layer(torch.randn(2, 3, 2)).sum().backward()
+    return out
+
+
+def test_check_sync_reports_bad_input_to_every_rank():
+    """With the check on, one rank's invalid input raises its own error
+    there and the check's error on the others at once, instead of leaving
+    them in a collective until the process group's timeout."""
+    results = run_distributed(_bad_input_world, 2, pg_timeout=20)
+    (wrong, flat), (wrong_1, flat_1) = results
+    for name, message, waited in (wrong, flat):
+        assert name == 'RuntimeError' and waited < 10
+        assert message.startswith(
+            'MMSyncBN consistency check (MMSYNC_CHECK_SYNC): group rank(s) '
+            '[1] of 2 got an invalid input before a forward collective')
+    assert 'channels=5' in wrong[1] and 'channels=-1' in flat[1]
+    assert wrong_1[:2] == ('ValueError', 'MMSyncBN was built for '
+                           'num_features=3 channels, got input of shape '
+                           '(4, 5, 2) with 5 channels (dim 1)')
+    assert flat_1[0] == 'ValueError' and 'at least 2 dimensions' in flat_1[1]
+
+
+def _no_communication_world(rank, world_size):
+    """Layers whose sub-groups are not created yet (built before the group,
+    the group re-created, unpickled): reading them must not communicate."""
+    out = {}
+    _subgroups.clear()
+    layer = SyncBatchNorm(3, group_size=2)
+    _subgroups.clear()  # as if built before init_process_group
+    if rank == 0:  # rank 1 reads nothing: a collective here would hang
+        out['repr'] = repr(layer)
+        out['size'] = layer.group_size
+        out['created'] = len(_subgroups)
+    dist.barrier()
+    x = torch.randn(2 + rank, 3, 4, dtype=torch.float64)
+    layer.double()(x)  # creates the sub-groups, on every rank
+    out['after'] = len(_subgroups)
+    return out
+
+
+def test_reading_a_layer_never_communicates():
+    """repr(layer) and layer.group_size on one rank return at once, with
+    the configured size, and create no group (they used to run
+    dist.new_subgroups, a collective of the world, and hang)."""
+    got, other = run_distributed(_no_communication_world, 2, pg_timeout=10)
+    assert 'group_size=2' in got['repr'] and got['size'] == 2
+    assert got['created'] == 0 and got['after'] == other['after'] == 1
+
+
+def _mixed_dtype_world(rank, world_size):
+    """Rank 0 holds float32, rank 1 float64 (3 + 5 samples)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 4, 4, generator=gen, dtype=torch.float64) * 3 + 2
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    dtype = (torch.float32, torch.float64)[rank]
+    mine = slice(*((0, 3), (3, 8))[rank])
+    layer = SyncBatchNorm(3, stats_mode='N')
+    xr = x[mine].to(dtype).requires_grad_()
+    y = layer(xr)
+    y.backward(dy[mine].to(dtype))
+    ref_y, ref_dx, ref_dw, ref_db, ref_rv = _global_bn(x, dy)
+    return dict(
+        dtypes=(y.dtype, xr.grad.dtype),
+        errors=[(y.double() - ref_y[mine]).abs().max().item(),
+                (xr.grad.double() - ref_dx[mine]).abs().max().item(),
+                (layer.weight.grad.double() * 2 - ref_dw).abs().max().item(),
+                (layer.bias.grad.double() * 2 - ref_db).abs().max().item(),
+                (layer.running_var.double() - ref_rv).abs().max().item()])
+
+
+def test_ranks_with_different_dtypes():
+    """float32 on one rank and float64 on the other train (the backward
+    sums travel in float64; they used to abort the process in gloo), each
+    rank's result in its own dtype, within float32 accuracy of the oracle."""
+    for rank, got in enumerate(run_distributed(_mixed_dtype_world, 2)):
+        dtype = (torch.float32, torch.float64)[rank]
+        assert got['dtypes'] == (dtype, dtype)
+        assert max(got['errors']) < 1e-4
+
+
+def _process_group_world(rank, world_size):
+    """torch SyncBatchNorm layers synchronizing each rank alone, converted."""
+    alone = [dist.new_group([r]) for r in range(world_size)]
+    bn = nn.SyncBatchNorm(2, process_group=alone[rank])
+    converted = convert_sync_batchnorm(nn.Sequential(bn))[0]
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0]]) + 10 * rank
+    both = convert_sync_batchnorm(nn.Sequential(nn.SyncBatchNorm(2)))[0]
+    return (converted(x).detach(), converted.group
+            is alone[rank], both(x).detach())
+
+
+def test_convert_keeps_the_process_group():
+    """convert_sync_batchnorm keeps a torch SyncBatchNorm's process_group
+    (it used to sync the whole world: [-1.18, -0.78] where [-1, 1] is
+    right); without one the layer syncs the world."""
+    for rank, (y, same,
+               y_world) in enumerate(run_distributed(_process_group_world, 2)):
+        torch.testing.assert_close(
+            y, torch.tensor([[-1.0, -1.0], [1.0, 1.0]]), atol=1e-4, rtol=0)
+        assert same
+        assert not torch.allclose(y_world, y, atol=1e-2)
+
+
 def _rank_fails(rank, port, results, pg_timeout, failure):
     """Trains with one layer; rank 1 dies or stalls at the third step."""
     join_group(rank, 2, port, pg_timeout)
-    layer = SyncBatchNorm(4)
+    layer = SyncBatchNorm(4, check_sync=failure == 'dies, checked')
     for step in range(5):
         if rank == 1 and step == 2:
-            if failure == 'dies':
+            if failure.startswith('dies'):
                 os._exit(3)
             time.sleep(pg_timeout + 30)
         start = time.monotonic()
@@ -239,10 +355,11 @@ def _rank_fails(rank, port, results, pg_timeout, failure):
     results.put((rank, 'finished', None, None))
 
 
-@pytest.mark.parametrize('failure', ['dies', 'stalls'])
+@pytest.mark.parametrize('failure', ['dies', 'stalls', 'dies, checked'])
 def test_failed_rank_stops_the_others(failure):
     """A rank that dies (killed) or stalls mid-training makes the other stop
-    with MMSyncBN's error within the process group's timeout."""
+    with MMSyncBN's error within the process group's timeout; with the
+    consistency check on, the check's own collective reports it."""
     pg_timeout = 5
     ctx = mp.get_context('spawn')
     results = ctx.Queue()
@@ -267,5 +384,7 @@ def test_failed_rank_stops_the_others(failure):
                 p.join()
     assert (rank, step) == (0, 2), error
     assert waited < pg_timeout + 5
-    assert ('RuntimeError: MMSyncBN: the forward statistics collective over '
-            'a group of 2 ranks failed on rank 0: another rank died') in error
+    what = ('consistency check (MMSYNC_CHECK_SYNC) before a forward'
+            if 'checked' in failure else 'forward statistics')
+    assert (f'RuntimeError: MMSyncBN: the {what} collective over a group of '
+            '2 ranks failed on rank 0: another rank died') in error
