@@ -40,13 +40,18 @@ def build_model(name: str, sync: bool) -> nn.Module:
     BatchNorm reference.
     """
     torch.manual_seed(0)
-    if name == 'mmpretrain-resnet18':
+    if name.startswith('mmpretrain-resnet18'):
         from mmengine.config import Config
         from mmengine.registry import DefaultScope
         from mmpretrain.registry import MODELS
         cfg = Config.fromfile(MMPRETRAIN_CONFIG)
         if not sync:
             cfg.model.backbone.norm_cfg = dict(type='BN')
+        elif name.endswith('with_cp'):
+            # Activation checkpointing in every block (torch's reentrant
+            # checkpoint); the reference runs without it (BatchNorm2d
+            # would count a recomputed forward twice).
+            cfg.model.backbone.with_cp = True
         with DefaultScope.overwrite_default_scope('mmpretrain'):
             model = MODELS.build(cfg.model)
         model.init_weights()
@@ -62,7 +67,7 @@ def build_model(name: str, sync: bool) -> nn.Module:
             num_classes=CLASSES,
             drop_rate=0.0)
     model = model.double()
-    if sync and name != 'mmpretrain-resnet18':
+    if sync and not name.startswith('mmpretrain'):
         model = convert_sync_batchnorm(model)
     return model
 
@@ -112,6 +117,10 @@ def train_ddp(rank: int, world_size: int, name: str):
     total = sum(SPLITS)
     start = sum(SPLITS[:rank])
     losses = []
+    collectives = []
+    original = dist.all_gather_single
+    dist.all_gather_single = lambda *a, **k: (collectives.append(1),
+                                              original(*a, **k))[1]
     for x, y in batches():
         x, y = x[start:start + SPLITS[rank]], y[start:start + SPLITS[rank]]
         # DDP averages gradients over the ranks: each rank's share of the
@@ -123,12 +132,14 @@ def train_ddp(rank: int, world_size: int, name: str):
         summed = local.detach().clone()
         dist.all_reduce(summed)
         losses.append(summed.item() / total)
+    dist.all_gather_single = original
     eval_out, kinds = evaluate(revert_sync_batchnorm(model))
     return dict(
         losses=losses,
         state=state_of(model),
         eval_out=eval_out,
         n_sync=n_sync,
+        collectives=len(collectives),
         reverted_kinds=kinds)
 
 
@@ -164,6 +175,7 @@ MODELS = [
     pytest.param('timm-resnet10t', id='timm-resnet10t'),
     pytest.param('timm-efficientnet_b0', id='timm-efficientnet_b0'),
     pytest.param('mmpretrain-resnet18', id='mmpretrain-resnet18'),
+    pytest.param('mmpretrain-resnet18-with_cp', id='mmpretrain-resnet18-cp'),
 ]
 NEEDS = {
     'torchvision': 'torchvision',
@@ -176,9 +188,12 @@ NEEDS = {
 def test_ddp_equals_one_process_with_plain_bn(name):
     pytest.importorskip(
         NEEDS[name.split('-')[0]], reason=f'needs {name.split("-")[0]}')
-    reference = train_reference(name)
+    reference = train_reference(name.replace('-with_cp', ''))
     ranks = run_distributed(train_ddp, 2, name, timeout=600, pg_timeout=120)
     assert ranks[0]['n_sync'] > 0
+    # One gather each way per layer and step (world 2), checkpointed or
+    # not: a recomputed forward runs none.
+    assert ranks[0]['collectives'] == 2 * ranks[0]['n_sync'] * STEPS
     for rank, result in enumerate(ranks):
         torch.testing.assert_close(
             torch.tensor(result['losses']),
