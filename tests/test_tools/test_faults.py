@@ -23,7 +23,7 @@ from tools_launch import (REPO, SHORT_RUN_STEPS, SYNC_CONFIG, accuracies,
                           base_env, finish, losses, python, run,
                           short_run_options, start, state_dict)
 
-from mmsync.models.checkpoint import load_checkpoint_file
+from mmsync.engine import load_checkpoint_file
 
 HERE = osp.dirname(osp.abspath(__file__))
 
