@@ -10,12 +10,14 @@ ranks, labels against the model's classes, one batch through the data
 path); ``tools/train.py --dry-run N`` runs them all without training. A
 failed check raises :class:`PreflightError`, one line that says what to do.
 """
+import contextlib
 import copy
 import os
 import os.path as osp
+import random
 import subprocess
 import tempfile
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -404,6 +406,23 @@ def check_data(cfg: Config, name: str, dataset, model: nn.Module) -> None:
             f'{type(e).__name__}: {one_line(e)}')
 
 
+@contextlib.contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Leave Python's, numpy's and torch's random states as they were: the
+    checks build models and samplers (which draw a seed), and the run must
+    draw what it would draw without them."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def check_splits(cfg: Config, world_size: int, mode: str) -> str:
     """Check every data split a run of ``mode`` reads, on a model of its
     own (the run's model is left untouched: no step, no running stats), and
@@ -416,15 +435,16 @@ def check_splits(cfg: Config, world_size: int, mode: str) -> str:
     names = used_loaders(cfg, mode)
     if not names:
         return ''
-    datasets = {name: build_dataset(cfg, name) for name in names}
-    plan = ''
-    if 'train_dataloader' in datasets:
-        plan = check_split(cfg, world_size, datasets['train_dataloader'])
-    model = build_model(cfg)
-    if mode == 'train':
-        check_group_size(cfg, model, world_size)
-    for name, dataset in datasets.items():
-        check_data(cfg, name, dataset, model)
+    with random_state_kept():
+        datasets = {name: build_dataset(cfg, name) for name in names}
+        plan = ''
+        if 'train_dataloader' in datasets:
+            plan = check_split(cfg, world_size, datasets['train_dataloader'])
+        model = build_model(cfg)
+        if mode == 'train':
+            check_group_size(cfg, model, world_size)
+        for name, dataset in datasets.items():
+            check_data(cfg, name, dataset, model)
     return plan
 
 
