@@ -106,8 +106,16 @@ if __name__ == '__main__':
         license='Apache License 2.0',
         packages=find_packages(exclude=('configs', 'tools', 'tests')),
         # Only the data listed: the C++ sources (in the manifest as the
-        # extension's sources) are no package data.
-        package_data={'mmsync': ['datasets/*.npz']},
+        # extension's sources) are no package data. mmsync/.mim links to
+        # configs/ and tools/ (copied into wheels): what `mim train mmsync`
+        # and `mim test mmsync` run, as OpenMMLab packages ship them.
+        package_data={
+            'mmsync': [
+                'datasets/*.npz', '.mim/configs/**/*.py', '.mim/tools/*.py',
+                '.mim/tools/*.sh', '.mim/tools/misc/*.py',
+                '.mim/tools/misc/*.sh'
+            ]
+        },
         include_package_data=False,
         python_requires='>=3.8',
         install_requires=parse_requirements('requirements/runtime.txt'),

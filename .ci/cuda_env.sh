@@ -48,6 +48,9 @@ CUDA_LIB=$("$PY" -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA
   "$PY" setup.py -q build_ext --inplace >"$TREE/build_cuda.log" 2>&1) ||
   { tail -50 "$TREE/build_cuda.log"; echo "cuda_env: build failed" >&2; exit 1; }
 say "built"
+# The tree as a distribution on the path (mmsync.egg-info), as an install
+# makes it: `mim train mmsync` finds the package, and its .mim, through it.
+(cd "$TREE" && "$PY" setup.py -q egg_info >>"$TREE/build_cuda.log" 2>&1)
 (cd "$TREE" && PYTHONPATH=$TREE "$PY" tools/gpu_check.py registered)
 say "pytest in the CUDA-torch environment"
 cd "$TREE"

@@ -43,7 +43,11 @@ METRICS = Registry(
 # mmengine's MODELS.build(dict(type='mmsync.MMSyncBN')) find them.
 NORM_LAYERS = MODELS
 
-RUNNERS = Registry('runner', parent=MMENGINE_RUNNERS, scope='mmsync')
+RUNNERS = Registry(
+    'runner',
+    parent=MMENGINE_RUNNERS,
+    scope='mmsync',
+    locations=['mmsync.engine'])
 LOOPS = Registry('loop', parent=MMENGINE_LOOPS, scope='mmsync')
 HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmsync')
 LOG_PROCESSORS = Registry(

@@ -1,28 +1,26 @@
-"""Evaluate a checkpoint on CPU, in one process or split over many.
-
-MMSyncBN layers are reverted to BatchNorm on load, so a model trained on
-many GPUs or nodes is checked on a laptop; with ``--launcher`` the test set
-is split over the processes of a launch and the metric is the same::
+"""Evaluate a checkpoint on the test set of its config, in one process or
+split over the processes of a launch (the metric is the same)::
 
     python tools/test.py CONFIG CHECKPOINT [--out metrics.json]
     tools/dist_test.sh CONFIG CHECKPOINT NPROC [--out metrics.json]
+
+The runner is the config's (``MMSyncRunner`` when it names none): the
+checkpoint is checked and loaded under the weights-only allow-list, and
+MMSyncBN layers normalize with their running statistics, so a model
+trained on many GPUs or nodes is checked on a laptop's CPU.
 """
 import argparse
+import gc
 import json
 import os
 import os.path as osp
 import sys
 
-import torch
 import torch.distributed as dist
 from mmengine.config import Config, DictAction
-from mmengine.evaluator import Evaluator
-from mmengine.runner import Runner
-from train import LAUNCHERS, UsageError, launch_env
+from mmengine.registry import RUNNERS
 
-from mmsync.cnn.utils.runner import init_dist_from_env
-from mmsync.models import init_model
-from mmsync.models.checkpoint import CheckpointError
+from mmsync.engine import LAUNCHERS
 from mmsync.utils.process import die_with_launcher
 
 
@@ -30,9 +28,13 @@ def parse_args():
     """Command-line arguments."""
     parser = argparse.ArgumentParser(
         description='Evaluate a checkpoint on the test set of its config, '
-        'on CPU, in one process or in every process of a launch.')
+        'in one process or in every process of a launch.')
     parser.add_argument('config', help='config file path')
     parser.add_argument('checkpoint', help='checkpoint file (.pth)')
+    parser.add_argument(
+        '--work-dir',
+        help='where the logs go; default: cfg.work_dir or '
+        './work_dirs/<config name>')
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -50,18 +52,12 @@ def parse_args():
         default='none',
         help='how the processes were started (pytorch: torchrun, as '
         'tools/dist_test.sh does); each evaluates its share of the test set')
-    return parser.parse_args()
-
-
-def evaluate(model, cfg) -> dict:
-    """Metrics of ``model`` on ``cfg.test_dataloader``."""
-    loader = Runner.build_dataloader(cfg.test_dataloader)
-    evaluator = Evaluator(cfg.test_evaluator)
-    evaluator.dataset_meta = getattr(loader.dataset, 'metainfo', None)
-    with torch.no_grad():
-        for batch in loader:
-            evaluator.process(model.test_step(batch), batch)
-    return evaluator.evaluate(len(loader.dataset))
+    # torch.distributed.launch (mim test) passes the local rank.
+    parser.add_argument('--local-rank', '--local_rank', type=int)
+    args = parser.parse_args()
+    if args.local_rank is not None:
+        os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
 
 
 def error(message: str) -> None:
@@ -70,39 +66,47 @@ def error(message: str) -> None:
     sys.exit(2)
 
 
-def main():
-    """Load the model, evaluate it, print (and write) the metrics."""
-    args = parse_args()
+def load_config(args) -> Config:
+    """The config with the command line applied, set to test CHECKPOINT."""
     for name in ('config', 'checkpoint'):
         path = getattr(args, name)
         if not osp.isfile(path):
             error(f'{name} file {path!r} not found')
     try:
-        env = launch_env(args.launcher)
-    except UsageError as e:
-        error(str(e))
+        cfg = Config.fromfile(args.config)
+        if args.cfg_options:
+            cfg.merge_from_dict(args.cfg_options)
+    except Exception as e:
+        error(f'cannot read config {args.config!r}: {type(e).__name__}: {e}')
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs',
+        osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from, cfg.resume = args.checkpoint, False
+    if args.trust_checkpoint:
+        cfg.trust_checkpoint = True
+    if 'runner_type' not in cfg:
+        cfg.runner_type = 'MMSyncRunner'
+    return cfg
+
+
+def main():
+    """Build the runner, test, print (and write) the metrics."""
+    args = parse_args()
+    cfg = load_config(args)
     if args.launcher == 'pytorch':
         die_with_launcher()  # not to outlive a killed torchrun
-    try:
-        cfg = Config.fromfile(args.config)
-        model = init_model(cfg, args.checkpoint, args.cfg_options,
-                           args.trust_checkpoint)
-    except CheckpointError as e:
-        error(str(e))
-    except Exception as e:
-        error(f'cannot load the model of {args.config!r} with '
-              f'{args.checkpoint!r}: {type(e).__name__}: {e}')
-    if env:
-        os.environ.update(env)
-        init_dist_from_env(**cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    runner = RUNNERS.build(cfg)
     # Every rank gets the metrics of the whole test set; rank 0 reports them.
-    metrics = evaluate(model, cfg)
-    if not env or dist.get_rank() == 0:
+    metrics = runner.test()
+    if runner.rank == 0:
         print(' '.join(f'{k}: {v:.4f}' for k, v in metrics.items()))
         if args.out:
             with open(args.out, 'w', encoding='utf-8') as f:
                 json.dump(metrics, f, indent=2)
-    if env:
+    if dist.is_initialized():
+        del runner
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -1,5 +1,8 @@
 # Runtime shared by every config: hooks, logging, distribution.
 default_scope = 'mmsync'
+# mmsync's runner (mmsync.engine): pre-flight, safe resume, atomic
+# checkpoints, CPU start; what any launcher builds from this config.
+runner_type = 'MMSyncRunner'
 
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),

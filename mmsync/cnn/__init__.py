@@ -2,12 +2,10 @@
 from ..registry import NORM_LAYERS
 from .bricks import (NORM_LAYER_NAMES, TORCH_NORM_LAYERS, build_norm_layer,
                      infer_abbr, is_norm, registered_norm_layers)
-from .utils import (BatchNormXd, MMSyncRunner, convert_sync_batchnorm,
-                    revert_sync_batchnorm, sync_bn_options)
+from .utils import BatchNormXd, convert_sync_batchnorm, revert_sync_batchnorm
 
 __all__ = [
     'NORM_LAYERS', 'NORM_LAYER_NAMES', 'TORCH_NORM_LAYERS', 'BatchNormXd',
-    'MMSyncRunner', 'build_norm_layer', 'convert_sync_batchnorm', 'infer_abbr',
-    'is_norm', 'registered_norm_layers', 'revert_sync_batchnorm',
-    'sync_bn_options'
+    'build_norm_layer', 'convert_sync_batchnorm', 'infer_abbr', 'is_norm',
+    'registered_norm_layers', 'revert_sync_batchnorm'
 ]

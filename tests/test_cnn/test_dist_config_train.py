@@ -17,7 +17,7 @@ from mmengine.model import MMDistributedDataParallel
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import MODELS
 
-from mmsync.cnn import MMSyncRunner
+from mmsync.engine import MMSyncRunner
 from mmsync.ops import SyncBatchNorm
 
 WORLD_SIZE = 2

@@ -8,7 +8,8 @@ from mmengine.optim import DefaultOptimWrapperConstructor, build_optim_wrapper
 from mmengine.registry import MODELS, RUNNERS
 from mmengine.runner import Runner
 
-from mmsync.cnn import MMSyncRunner, is_norm, sync_bn_options
+from mmsync.cnn import is_norm
+from mmsync.engine import MMSyncRunner, sync_bn_options
 from mmsync.ops import SyncBatchNorm
 
 MODEL_CONFIG = """

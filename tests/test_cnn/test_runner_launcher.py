@@ -19,7 +19,7 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SCRIPT = '''
 import sys
 import torch.distributed as dist
-from mmsync.cnn import MMSyncRunner
+from mmsync.engine import MMSyncRunner
 from mmsync.ops import SyncBatchNorm
 
 cfg = dict(

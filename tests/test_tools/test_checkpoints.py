@@ -18,8 +18,8 @@ from mmengine.logging import HistoryBuffer
 from test_bad_input import check_one_line_error
 from tools_launch import REPO, SYNC_CONFIG, accuracies, base_env, python, run
 
-from mmsync.models.checkpoint import (CheckpointError, checkpoint_loading,
-                                      load_checkpoint_file)
+from mmsync.engine import (CheckpointError, checkpoint_loading,
+                           load_checkpoint_file)
 
 MMPRETRAIN_CONFIG = osp.join(REPO, 'configs', 'mmpretrain',
                              'resnet18-cifar_mmsyncbn_2xb16-5e_digits-png.py')

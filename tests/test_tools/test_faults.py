@@ -20,10 +20,10 @@ from typing import Callable, List
 import pytest
 import torch
 from tools_launch import (REPO, SHORT_RUN_STEPS, SYNC_CONFIG, accuracies,
-                          base_env, finish, losses, python, run,
+                          base_env, finish, losses, python, run, scalars,
                           short_run_options, start, state_dict)
 
-from mmsync.models.checkpoint import load_checkpoint_file
+from mmsync.engine import load_checkpoint_file
 
 HERE = osp.dirname(osp.abspath(__file__))
 
@@ -319,3 +319,32 @@ def test_resume_stays_inside_the_work_dir(runs, tmp_path):
         timeout=120,
         env=launch_env())
     assert f'resuming from {work_dir / "epoch_1.pth"}' in result.stdout
+
+
+def test_resume_passes_over_a_newer_best_checkpoint(runs, tmp_path):
+    """A work dir whose newest file is a best_*.pth (weights only, as
+    CheckpointHook's save_best writes it) after epoch_1.pth: --resume takes
+    epoch_1.pth, and epoch 2 runs with the learning rates and losses of the
+    undisturbed run (from the best file it would restart the warm-up)."""
+    reference = runs.sync_2proc()
+    work_dir = tmp_path / 'copy'
+    shutil.copytree(reference, work_dir)
+    os.remove(work_dir / 'epoch_2.pth')
+    checkpoint = torch.load(
+        work_dir / 'epoch_1.pth', map_location='cpu', weights_only=False)
+    del checkpoint['optimizer'], checkpoint['param_schedulers']
+    best = work_dir / 'best_accuracy_top1_epoch_1.pth'
+    torch.save(checkpoint, best)
+    later = osp.getmtime(work_dir / 'epoch_1.pth') + 60
+    os.utime(best, (later, later))
+    run(dist_train(work_dir, '--resume', *short_run_options('float64', 8)),
+        env=launch_env())
+    assert f'resuming from {work_dir / "epoch_1.pth"}' in run_log(work_dir)
+
+    def rates(path):
+        return [(r['step'], r['lr']) for r in scalars(str(path)) if 'lr' in r]
+
+    steps = list(range(SHORT_RUN_STEPS + 1, 2 * SHORT_RUN_STEPS + 1))
+    assert [s for s, _ in rates(work_dir)] == steps
+    assert rates(work_dir) == rates(reference)[SHORT_RUN_STEPS:]
+    assert losses(str(work_dir)) == losses(reference)[SHORT_RUN_STEPS:]

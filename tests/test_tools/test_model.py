@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmsync.models import ResNetClassifier, init_model
+from mmsync.apis import init_model
+from mmsync.models import ResNetClassifier
 from mmsync.ops import SyncBatchNorm
 from mmsync.registry import MODELS
 

@@ -15,9 +15,11 @@ def test_build_py_has_no_warnings_about_the_sources(tmp_path):
     # A copy of the sources without build output (also where the tree is
     # not a git checkout of its own, as in .ci/cuda_env.sh's copy).
     tree = tmp_path / 'tree'
+    # (mmsync/.mim's links kept as links, as in a checkout.)
     shutil.copytree(
         REPO,
         tree,
+        symlinks=True,
         ignore=shutil.ignore_patterns('build', '.git', 'work_dirs', 'data',
                                       '*.so', '__pycache__', '*.egg-info'))
     out = tmp_path / 'out'
@@ -34,6 +36,27 @@ def test_build_py_has_no_warnings_about_the_sources(tmp_path):
     assert 'csrc' not in text
     assert (out / 'mmsync' / 'datasets' / 'digits.npz').is_file()
     assert not (out / 'mmsync' / 'ops' / 'csrc').exists()
+    # .mim as a wheel ships it: copies of configs/ and tools/, not links.
+    mim = out / 'mmsync' / '.mim'
+    for name in (
+            'configs/resnet_tiny/resnet-tiny_mmsyncbn_2xb32-15e_digits.py',
+            'configs/_base_/default_runtime.py', 'tools/train.py',
+            'tools/test.py', 'tools/dist_train.sh', 'tools/misc/torchrun.py'):
+        assert (mim / name).is_file() and not (mim / name).is_symlink(), name
+    assert not any(p.is_symlink() for p in mim.rglob('*'))
+
+
+def test_mim_folder_is_in_the_package():
+    """mmsync/.mim links to configs/ and tools/, so the package imported
+    from the checkout (PYTHONPATH, or the editable install of
+    tools/setup_env.sh) has what `mim train mmsync` runs."""
+    import mmsync
+    mim = osp.join(osp.dirname(mmsync.__file__), '.mim')
+    assert osp.realpath(osp.join(mim, 'tools')) == osp.join(REPO, 'tools')
+    assert osp.isfile(osp.join(mim, 'tools', 'train.py'))
+    assert osp.isfile(
+        osp.join(mim, 'configs', 'resnet_tiny',
+                 'resnet-tiny_mmsyncbn_2xb32-15e_digits.py'))
 
 
 def test_compiled_objects_are_up_to_date():

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from dist_utils import free_port  # noqa: F401 (shared with the tests)
 
-from mmsync.models import checkpoint_safe_globals
+from mmsync.engine import checkpoint_safe_globals
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = osp.join(REPO, 'tools')

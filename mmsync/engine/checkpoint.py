@@ -9,14 +9,18 @@ object (``getattr(getattr(getattr, '__self__'), '__import__')``), so
 ``builtins.getattr`` is mapped to :func:`history_buffer_method`, which hands
 out those four methods and nothing else. A checkpoint that needs more is
 refused, naming the global it asked for; ``trust=True`` (``--trust-checkpoint``
-of the tools) loads it with full unpickling.
+of the tools, ``trust_checkpoint=True`` in a config) loads it with full
+unpickling.
 
 Writing: :class:`AtomicLocalBackend` puts a file under its final name only
 once it is complete, so a full disk or a killed job never leaves a truncated
 checkpoint that looks like a good one.
 
 Resuming: :func:`find_resume_checkpoint` looks only inside the work dir and
-takes the newest checkpoint that loads.
+takes the newest checkpoint that loads and holds the full training state
+(``epoch_*.pth``, ``iter_*.pth``, or what ``last_checkpoint`` names inside the
+work dir), never a ``best_*.pth``: mmengine writes those without optimizer
+and scheduler state, and a run resumed from one restarts its schedule.
 """
 import contextlib
 import os
@@ -27,19 +31,13 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn as nn
-from mmengine.config import Config
 from mmengine.fileio import LocalBackend, register_backend
 from mmengine.logging import HistoryBuffer
-from mmengine.registry import init_default_scope
-from mmengine.runner import load_checkpoint
-
-from ..cnn import revert_sync_batchnorm
-from ..registry import MODELS
 
 HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
-TRUST_HINT = ('if you trust where it comes from, pass --trust-checkpoint to '
-              'load it with full unpickling (which can run any code)')
+TRUST_HINT = ('if you trust where it comes from, pass --trust-checkpoint (or '
+              'set trust_checkpoint=True in the config) to load it with full '
+              'unpickling (which can run any code)')
 # Read by torch.load when its caller (mmengine) does not pass weights_only.
 NO_WEIGHTS_ONLY = 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'
 ATOMIC_BACKEND = 'atomic_local'
@@ -115,7 +113,8 @@ def _one_line(text: str) -> str:
 
 def load_checkpoint_file(path: str,
                          trust: bool = False,
-                         check_only: bool = False) -> Any:
+                         check_only: bool = False,
+                         map_location: Any = 'cpu') -> Any:
     """Load a checkpoint on CPU, or say in one line why it cannot be.
 
     Args:
@@ -124,6 +123,8 @@ def load_checkpoint_file(path: str,
         check_only (bool): Map the tensors' storage instead of reading it
             (zip checkpoints), for a cheap check that the file is complete
             and asks for nothing unsafe. Default: False.
+        map_location (str | torch.device | callable): As for
+            ``torch.load``. Default: 'cpu'.
 
     Returns:
         The unpickled object (usually a dict).
@@ -145,7 +146,7 @@ def load_checkpoint_file(path: str,
         with contextlib.nullcontext() if trust else checkpoint_loading():
             return torch.load(
                 path,
-                map_location='cpu',
+                map_location=map_location,
                 weights_only=not trust,
                 mmap=check_only and is_zip)
     except pickle.UnpicklingError as e:
@@ -167,32 +168,44 @@ def load_checkpoint_file(path: str,
             'it, or a full disk, leaves such a file') from None
 
 
-def checkpoint_candidates(work_dir: str) -> List[str]:
-    """The ``.pth`` files directly in ``work_dir``, newest first.
+# The names CheckpointHook gives checkpoints with the full training state
+# (its default filename_tmpl); best_*.pth hold the weights only.
+FULL_STATE_NAME = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
 
-    Newest: the largest number in the name (``epoch_15.pth`` before
-    ``epoch_10.pth``), then the latest modification time. mmengine's
-    ``last_checkpoint`` file is not followed: it holds an absolute path,
-    which in a copied work dir leads into the original one.
+
+def resume_candidates(work_dir: str) -> List[str]:
+    """The checkpoints of ``work_dir`` that can hold a run's full state,
+    newest first.
+
+    First what mmengine's ``last_checkpoint`` names, if that file lies
+    directly in ``work_dir`` (in a copied work dir it names the original's);
+    then ``epoch_N.pth`` and ``iter_N.pth`` by N, then modification time.
+    ``best_*.pth`` and other names are never candidates.
     """
     if not osp.isdir(work_dir):
         return []
-    paths = [
-        osp.join(work_dir, name) for name in os.listdir(work_dir)
-        if name.endswith('.pth') and osp.isfile(osp.join(work_dir, name))
-    ]
-
-    def newness(path: str) -> Tuple[int, float]:
-        numbers = re.findall(r'\d+', osp.basename(path))
-        return (int(numbers[-1]) if numbers else -1, osp.getmtime(path))
-
-    return sorted(paths, key=newness, reverse=True)
+    paths = []
+    record = osp.join(work_dir, 'last_checkpoint')
+    if osp.isfile(record):
+        with open(record, encoding='utf-8') as f:
+            named = f.read().strip()
+        if (named and osp.isfile(named)
+                and osp.samefile(osp.dirname(osp.abspath(named)), work_dir)
+                and not osp.basename(named).startswith('best_')):
+            paths.append(osp.join(work_dir, osp.basename(named)))
+    numbered = []
+    for name in os.listdir(work_dir):
+        found = FULL_STATE_NAME.match(name)
+        path = osp.join(work_dir, name)
+        if found and osp.isfile(path) and path not in paths:
+            numbered.append((int(found.group(2)), osp.getmtime(path), path))
+    return paths + [path for *_, path in sorted(numbered, reverse=True)]
 
 
 def find_resume_checkpoint(work_dir: str,
                            trust: bool = False
                            ) -> Tuple[Optional[str], List[str]]:
-    """The newest checkpoint of ``work_dir`` that loads, for auto-resume.
+    """The newest checkpoint of ``work_dir`` to resume from.
 
     Args:
         work_dir (str): The run's work dir; nothing outside it is read.
@@ -200,22 +213,28 @@ def find_resume_checkpoint(work_dir: str,
 
     Returns:
         tuple[str | None, list[str]]: The checkpoint (None when the work
-        dir has none) and the reasons why newer ones were passed over.
+        dir has none, see :func:`resume_candidates`) and the reasons why
+        newer ones were passed over.
 
     Raises:
-        CheckpointError: When the work dir has checkpoints and none loads.
+        CheckpointError: When the work dir has candidates and none loads
+            with its run state (meta) and optimizer state.
     """
     skipped = []
-    for path in checkpoint_candidates(work_dir):
+    for path in resume_candidates(work_dir):
         try:
             checkpoint = load_checkpoint_file(path, trust, check_only=True)
         except CheckpointError as e:
             skipped.append(str(e))
             continue
-        if isinstance(checkpoint, dict) and 'meta' in checkpoint:
+        missing = [
+            key for key in ('meta', 'state_dict', 'optimizer')
+            if not (isinstance(checkpoint, dict) and key in checkpoint)
+        ]
+        if not missing:
             return path, skipped
-        skipped.append(f'checkpoint {path!r} has no run state to resume '
-                       "(no 'meta' entry)")
+        skipped.append(f'checkpoint {path!r} does not hold the training '
+                       f'state to resume (no {", ".join(missing)})')
     if skipped:
         raise CheckpointError(
             f'no checkpoint of {work_dir} can be resumed: '
@@ -259,38 +278,3 @@ class AtomicLocalBackend(LocalBackend):
 
 
 register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
-
-
-def init_model(config: Union[str, Config],
-               checkpoint: str,
-               cfg_options: Optional[dict] = None,
-               trust: bool = False) -> nn.Module:
-    """Build ``config``'s model on CPU, as plain BN, with trained weights.
-
-    MMSyncBN layers are reverted to BatchNorm, so the model runs in one
-    process without a process group, whatever it was trained with.
-
-    Args:
-        config (str | Config): Config file or object with a ``model``.
-        checkpoint (str): A checkpoint of tools/train.py (or a state_dict).
-        cfg_options (dict, optional): Overrides merged into the config.
-            Default: None.
-        trust (bool): Load the checkpoint with full unpickling.
-            Default: False.
-
-    Returns:
-        nn.Module: The model in eval mode.
-
-    Raises:
-        CheckpointError: The checkpoint cannot be loaded (see
-            :func:`load_checkpoint_file`).
-    """
-    cfg = Config.fromfile(config) if isinstance(config, str) else config
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    init_default_scope(cfg.get('default_scope', 'mmsync'))
-    model = revert_sync_batchnorm(MODELS.build(cfg.model))
-    load_checkpoint_file(checkpoint, trust, check_only=True)
-    with checkpoint_loading(trust):
-        load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
-    return model.eval()
