@@ -256,14 +256,11 @@ def test_activation_checkpointing_config_trains_as_the_plain_one(
             got[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='MMSyncBN updates its running statistics again in the forward '
-    'that activation checkpointing recomputes (num_batches_tracked 46 '
-    'instead of 23 after 23 steps, torch 2.14.1, mmpretrain 1.2.0 with_cp): '
-    'the layer (mmsync/ops) does not yet do what DESIGN.md promises')
 def test_activation_checkpointing_updates_running_stats_once(
         reference, with_cp):
+    """Through mmpretrain's launcher, the with_cp=True example counts each
+    batch once: its BN buffers after one epoch (num_batches_tracked
+    included) are those of the plain config."""
     got, want = state_dicts(reference, with_cp, buffers=True)
     for key, value in want.items():
         torch.testing.assert_close(
