@@ -17,8 +17,8 @@ import shutil
 import pytest
 from conftest import DEVICES, device_env
 from tools_launch import (BN_1X_CONFIG, SHORT_RUN_STEPS, SYNC_CONFIG,
-                          accuracies, assert_runs_match, free_port, losses,
-                          python, run, short_run_options)
+                          accuracies, assert_as_accurate, assert_runs_match,
+                          free_port, losses, python, run, short_run_options)
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -34,15 +34,19 @@ def test_sync_2proc_equals_bn_1proc_float64(runs, device):
 
 @pytest.mark.parametrize('device', DEVICES)
 def test_sync_2proc_equals_bn_1proc_float32(runs, device):
-    """The first epoch (21 steps, the unequal last batch included) agrees to
-    1e-4. Rounding differences grow by about 1e4 in 42 steps (float64's 1e-16
-    reach 1e-12), so float32's 1e-7 would reach 1e-3 in the second epoch."""
-    assert_runs_match(
+    """Over the first epoch (21 steps, the unequal last batch included),
+    float32 MMSyncBN is as close to the float64 single-process run as float32
+    BatchNorm in one process: at most twice its error, or within 1e-4.
+    (Rounding differences grow chaotically: on the 2026-12-02 VM float32
+    BatchNorm drifted from float64 by 6e-5 at step 8 and 2e-2 at step 18
+    while float32 MMSyncBN stayed within 1e-6; a fixed 1e-4 between the two
+    float32 runs failed there.)"""
+    assert_as_accurate(
         runs.sync_2proc('float32', device),
         runs.bn_1proc('float32', device),
+        runs.bn_1proc('float64', device),
         rtol=1e-4,
-        epochs=1,
-        same_accuracy=False)
+        epochs=1)
 
 
 def test_checkpoint_evaluates_in_one_process(runs, tmp_path):

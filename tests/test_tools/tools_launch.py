@@ -137,6 +137,40 @@ def state_dict(checkpoint: str) -> Dict[str, torch.Tensor]:
         return torch.load(checkpoint, map_location='cpu')['state_dict']
 
 
+def assert_as_accurate(work_dir: str, ref_dir: str, oracle_dir: str,
+                       rtol: float, epochs: int) -> None:
+    """A low-precision run is as close to a float64 oracle as the reference
+    run in the same precision, at every step and in the final weights:
+    its error is at most twice the reference's, or within ``rtol`` (the
+    house rule for low precision: tolerance relative to the reference's
+    own error, since float32 rounding differences grow chaotically over
+    training steps, and which run drifts first depends on the machine)."""
+    steps = epochs * SHORT_RUN_STEPS
+    got, want, truth = (
+        losses(d)[:steps] for d in (work_dir, ref_dir, oracle_dir))
+    assert [s for s, _ in got] == [s for s, _ in truth] == list(
+        range(1, steps + 1))
+    for (step, a), (_, b), (_, t) in zip(got, want, truth):
+        bound = max(2 * abs(b - t), rtol * abs(t))
+        assert abs(a - t) <= bound, (
+            f'loss at step {step}: {a} (reference {b}, float64 {t})')
+    got, want, truth = (
+        state_dict(osp.join(d, f'epoch_{epochs}.pth'))
+        for d in (work_dir, ref_dir, oracle_dir))
+    assert got.keys() == want.keys() == truth.keys()
+    for key, t in truth.items():
+        if not t.is_floating_point():
+            assert torch.equal(got[key], t) and torch.equal(want[key], t)
+            continue
+        t = t.double()
+        ours = (got[key].double() - t).abs().max().item()
+        theirs = (want[key].double() - t).abs().max().item()
+        scale = max(t.abs().max().item(), 1e-12)
+        assert ours <= max(
+            2 * theirs, rtol *
+            scale), (f'{key}: max abs error {ours}, the reference\'s {theirs}')
+
+
 def assert_runs_match(work_dir: str,
                       ref_dir: str,
                       rtol: float,
