@@ -386,7 +386,7 @@ class SyncBatchNorm(_BatchNorm):
         group = self.group
         if self.subgroup_size is not None:
             group = sync_subgroup(self.subgroup_size)
-        return group, dist.get_world_size(group)
+        return group, self._sync_size()
 
     def _sync_size(self) -> int:
         """The size ``_sync_group`` gives, without creating any group."""

@@ -22,8 +22,9 @@ mmpretrain = pytest.importorskip(
 sys.path.insert(
     0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'test_tools'))
 from test_checkpoints import getattr_chain  # noqa: E402
-from tools_launch import finish  # noqa: E402
-from tools_launch import REPO, accuracies, base_env, free_port, scalars, start
+from tools_launch import copy_with_newer_best  # noqa: E402
+from tools_launch import start  # noqa: E402
+from tools_launch import REPO, accuracies, base_env, finish, free_port, scalars
 
 from mmsync.engine import load_checkpoint_file  # noqa: E402
 
@@ -143,15 +144,7 @@ def test_resume_passes_over_a_newer_best_checkpoint(reference, data, tmp_path):
     epoch_2.pth: epoch 3 resumes from epoch_2.pth at the learning rate of
     the uninterrupted run, not at the schedule's start."""
     work_dir = tmp_path / 'copy'
-    shutil.copytree(reference, work_dir)
-    os.remove(work_dir / f'epoch_{EPOCHS}.pth')
-    checkpoint = torch.load(
-        work_dir / 'epoch_2.pth', map_location='cpu', weights_only=False)
-    del checkpoint['optimizer'], checkpoint['param_schedulers']
-    best = work_dir / 'best_accuracy_top1_epoch_2.pth'
-    torch.save(checkpoint, best)
-    later = osp.getmtime(work_dir / 'epoch_2.pth') + 60
-    os.utime(best, (later, later))
+    copy_with_newer_best(reference, work_dir, EPOCHS - 1)
     result = dist_train(CONFIG, work_dir, data, '--resume')
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert f'resuming from {work_dir / "epoch_2.pth"}' in run_log(work_dir)

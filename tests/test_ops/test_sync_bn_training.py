@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from dist_utils import run_distributed
+from sync_bn_cases import CollectiveCounter
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
@@ -70,38 +71,11 @@ def _model(**kwargs):
     return Block(**kwargs).double()
 
 
-class Counter:
-    """Counts the collectives mmsync runs (it looks them up at each call)
-    and the values each moves per rank."""
-
-    def __init__(self):
-        self.calls, self.values = 0, []
-        self.saved = {}
-
-    def __enter__(self):
-        for name in (sync_bn_comm._ALL_GATHER, 'all_reduce'):
-            original = getattr(dist, name)
-            self.saved[name] = original
-
-            def counted(*args, _original=original, **kwargs):
-                self.calls += 1
-                tensor = args[1] if len(args) > 1 else args[0]
-                self.values.append(tensor.numel())
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self.saved.items():
-            setattr(dist, name, original)
-
-
 def _step(model, x, target):
     """One forward and backward; what BN determines, and the counts."""
     x = x.clone().requires_grad_()  # a reentrant checkpoint needs one
     model.zero_grad(set_to_none=True)
-    with Counter() as counter:
+    with CollectiveCounter() as counter:
         y = model(x)
         ((y * target).sum()).backward()
     bns = [
@@ -116,7 +90,7 @@ def _step(model, x, target):
         },
         running=[(m.running_mean.clone(), m.running_var.clone(),
                   int(m.num_batches_tracked)) for m in bns],
-        collectives=counter.calls,
+        collectives=counter.count,
         unused=sum(not r.used for m in bns for r in records_of(m)),
         records=sum(len(records_of(m)) for m in bns))
 

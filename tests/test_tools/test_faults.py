@@ -20,8 +20,9 @@ from typing import Callable, List
 import pytest
 import torch
 from tools_launch import (REPO, SHORT_RUN_STEPS, SYNC_CONFIG, accuracies,
-                          base_env, finish, losses, python, run, scalars,
-                          short_run_options, start, state_dict)
+                          base_env, copy_with_newer_best, finish, losses,
+                          python, run, scalars, short_run_options, start,
+                          state_dict)
 
 from mmsync.engine import load_checkpoint_file
 
@@ -328,15 +329,7 @@ def test_resume_passes_over_a_newer_best_checkpoint(runs, tmp_path):
     undisturbed run (from the best file it would restart the warm-up)."""
     reference = runs.sync_2proc()
     work_dir = tmp_path / 'copy'
-    shutil.copytree(reference, work_dir)
-    os.remove(work_dir / 'epoch_2.pth')
-    checkpoint = torch.load(
-        work_dir / 'epoch_1.pth', map_location='cpu', weights_only=False)
-    del checkpoint['optimizer'], checkpoint['param_schedulers']
-    best = work_dir / 'best_accuracy_top1_epoch_1.pth'
-    torch.save(checkpoint, best)
-    later = osp.getmtime(work_dir / 'epoch_1.pth') + 60
-    os.utime(best, (later, later))
+    copy_with_newer_best(reference, work_dir, 1)
     run(dist_train(work_dir, '--resume', *short_run_options('float64', 8)),
         env=launch_env())
     assert f'resuming from {work_dir / "epoch_1.pth"}' in run_log(work_dir)

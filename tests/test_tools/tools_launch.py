@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import os.path as osp
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,6 +130,22 @@ def accuracies(work_dir: str, run: int = -1) -> List[float]:
         r['accuracy/top1'] for r in scalars(work_dir, run)
         if 'accuracy/top1' in r
     ]
+
+
+def copy_with_newer_best(reference, work_dir, epoch: int) -> None:
+    """Copy the work dir ``reference`` to ``work_dir`` without its
+    ``epoch_{epoch + 1}.pth`` and with a ``best_*.pth`` of ``epoch`` newer
+    than every other file: weights without optimizer or scheduler state, as
+    CheckpointHook's save_best writes it."""
+    shutil.copytree(reference, work_dir)
+    os.remove(osp.join(work_dir, f'epoch_{epoch + 1}.pth'))
+    source = osp.join(work_dir, f'epoch_{epoch}.pth')
+    checkpoint = torch.load(source, map_location='cpu', weights_only=False)
+    del checkpoint['optimizer'], checkpoint['param_schedulers']
+    best = osp.join(work_dir, f'best_accuracy_top1_epoch_{epoch}.pth')
+    torch.save(checkpoint, best)
+    later = osp.getmtime(source) + 60
+    os.utime(best, (later, later))
 
 
 def state_dict(checkpoint: str) -> Dict[str, torch.Tensor]:

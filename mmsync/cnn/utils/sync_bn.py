@@ -72,6 +72,13 @@ class BatchNormXd(_BatchNorm):
                                        if self.act else '')
 
 
+def _options(module: _BatchNorm) -> tuple:
+    """(eps, momentum, affine, track_running_stats): what every BatchNorm
+    constructor takes after num_features, to build a replacement."""
+    return (module.eps, module.momentum, module.affine,
+            module.track_running_stats)
+
+
 def _share_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:
     """Give ``target`` the parameters, buffers and mode of ``source``."""
     if source.affine:
@@ -268,10 +275,7 @@ def _to_sync(module: _BatchNorm, group, stats_mode: str,
             module,
             SyncBatchNorm(
                 module.num_features,
-                module.eps,
-                module.momentum,
-                module.affine,
-                module.track_running_stats,
+                *_options(module),
                 group=group,
                 stats_mode=stats_mode,
                 act=act,
@@ -300,18 +304,16 @@ def _lazy_to_sync(module: _BatchNorm, group, stats_mode: str,
                   group_size: Optional[int]) -> LazySyncBatchNorm:
     """A lazy BatchNorm not yet run: a lazy MMSyncBN, whose channels come
     from its first input as the source's would have (nothing to share)."""
-    if type(module).forward is not _BatchNorm.forward:
+    if not _is_plain(module):
         raise TypeError(f'convert_sync_batchnorm: cannot convert '
                         f'{type(module).__qualname__}, a lazy BatchNorm with '
-                        'its own forward, before its first forward')
+                        'its own forward or submodules, before its first '
+                        'forward')
     factory = {}
     if module.weight is not None:
         factory = dict(device=module.weight.device, dtype=module.weight.dtype)
     layer = LazySyncBatchNorm(
-        module.eps,
-        module.momentum,
-        module.affine,
-        module.track_running_stats,
+        *_options(module),
         group=group,
         stats_mode=stats_mode,
         group_size=group_size,
@@ -427,15 +429,11 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
                                            and _is_plain(module)):
         plain = getattr(module, '_mmsync_source_cls', None)
         if plain is not None:
-            new = plain(module.num_features, module.eps, module.momentum,
-                        module.affine, module.track_running_stats)
+            new = plain(module.num_features, *_options(module))
         else:
             new = BatchNormXd(
                 module.num_features,
-                module.eps,
-                module.momentum,
-                module.affine,
-                module.track_running_stats,
+                *_options(module),
                 act=getattr(module, 'act', None))
         module_output = _share_state(module, new)
     elif (isinstance(module, SyncBatchNorm)
