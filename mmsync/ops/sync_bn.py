@@ -9,8 +9,12 @@ forward:  stats (one pass: count, mean, M2) -> all_gather of the ranks'
 backward: reduce (one pass: sum(dy), sum(dy*xhat)) -> group sum (2C)
           -> data (one pass, recomputes xhat from the saved input)
 
-The backward group sum is one all_gather and a local sum in rank order for
-groups of up to ``GATHER_MAX_RANKS`` (8) ranks, one all_reduce beyond.
+Both collectives are all_gathers (merged and summed locally in rank order)
+in groups of up to ``GATHER_MAX_RANKS`` (8) ranks, where they are one
+exchange; beyond, one all_reduce each of 3C+2 and 2C float64 values, the
+forward's of moments shifted by the layer's previous global mean (exact at
+any offset; ``sync_bn_comm.reduce_stats``), so that every collective moves
+O(C) values per rank at any group size.
 
 Nothing of input size is saved for backward besides the input itself.
 A forward that activation checkpointing recomputes during backward reuses
@@ -33,7 +37,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from ..registry import NORM_LAYERS
 from ..utils import load_ext
 from .sync_bn_comm import (STATS_MODES, SyncCheck, check_sync_enabled,
-                           gather_rows, group_sum, sync_subgroup)
+                           group_stats, group_sum, stats_shift, sync_subgroup)
 from .sync_bn_recompute import (StatsRecord, find_record, keep_record,
                                 pick_record)
 
@@ -168,7 +172,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                  relu,
                  check,
                  recompute=None,
-                 keep=None):
+                 keep=None,
+                 shift=None):
         """ONNX (TorchScript exporter, training mode): one node
         ``mmsync::MMSyncBatchNorm`` with inputs X[, scale, B][, mean, var]
         and what a runtime needs to synchronize as attributes."""
@@ -206,7 +211,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 relu: bool,
                 check: Optional[SyncCheck],
                 recompute=None,
-                keep=None) -> torch.Tensor:
+                keep=None,
+                shift=None) -> torch.Tensor:
         if not _dense_layout(input):
             input = input.contiguous()
         by_count = stats_mode == 'N'
@@ -228,7 +234,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # An ONNX export replaces this function by its symbolic node;
             # the traced run only needs local values.
             if group_size > 1 and not torch.onnx.is_in_onnx_export():
-                stats = gather_rows(stats, group, group_size,
+                stats = group_stats(stats, group, group_size, shift,
                                     'forward statistics')
             elif count == 1:
                 # Alone, this rank knows without reading the device; a group
@@ -284,7 +290,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = sums[:channels].to(bias.dtype)
         return (grad_input, grad_weight, grad_bias, None, None, None, None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 @NORM_LAYERS.register_module(name='MMSyncBN')
@@ -450,7 +456,8 @@ class SyncBatchNorm(_BatchNorm):
             self.running_var if tracking else None,
             self.num_batches_tracked if tracking else None, self.momentum,
             self.eps, group if group_size > 1 else None, group_size,
-            self.stats_mode, self.act == 'relu', check, recompute, keep)
+            self.stats_mode, self.act == 'relu', check, recompute, keep,
+            stats_shift(self, group_size) if recompute is None else None)
 
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, group_size={self.group_size}, '

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mmsync.ops import SyncBatchNorm
+from mmsync.ops import SyncBatchNorm, sync_bn_comm
 
 DTYPES = {
     'float64': torch.float64,
@@ -237,9 +237,15 @@ def check_case(case: Case,
         y = layer(x)
         if counter is not None:
             n = counter.take()
-            if n != (1 if syncs and world_size > 1 else 0):
+            want = {1 if syncs and world_size > 1 else 0}
+            if (want == {1} and world_size > sync_bn_comm.GATHER_MAX_RANKS
+                    and step == 1 and case.offset != 0):
+                # The all_reduced moments start shifted by 0: far from this
+                # data's mean they are summed again around it, once.
+                want = {2}
+            if n not in want:
                 failures.append(f'[{case.describe()}] forward ran {n} '
-                                'collectives')
+                                f'collectives, expected {want}')
         y.backward(dy)
         if counter is not None:
             n = counter.take()

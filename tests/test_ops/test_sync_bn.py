@@ -14,8 +14,9 @@ def test_world_one(case):
 
 
 def _run_cases_summing_by(rank, world_size, cases, gather_max_ranks):
-    """run_cases with the backward group sums made by all_gather (groups up
-    to ``gather_max_ranks``) or by all_reduce; the forward always gathers."""
+    """run_cases with the forward statistics and backward sums made by
+    all_gather (groups up to ``gather_max_ranks``) or by all_reduce (the
+    forward's of shifted moments, as in groups beyond 8 ranks)."""
     sync_bn_comm.GATHER_MAX_RANKS = gather_max_ranks
     return run_cases(rank, world_size, cases)
 
@@ -28,7 +29,7 @@ def _run_cases_summing_by(rank, world_size, cases, gather_max_ranks):
 ])
 def test_distributed(world_size, splits_list, gather_max_ranks):
     """Equal, unequal and empty splits at world 2 and 3, over the grid, with
-    either collective."""
+    either kind of collective."""
     cases = standard_cases(splits_list)
     results = run_distributed(
         _run_cases_summing_by,

@@ -17,7 +17,7 @@ from dist_utils import free_port, join_group, run_distributed
 from sync_bn_cases import no_compile_cache
 
 from mmsync.cnn import build_norm_layer, convert_sync_batchnorm
-from mmsync.ops import SyncBatchNorm
+from mmsync.ops import SyncBatchNorm, sync_bn_comm
 from mmsync.ops.sync_bn_comm import _subgroups, sync_subgroup
 
 
@@ -92,10 +92,14 @@ def _count_collectives(graph_module):
                for node in graph_module.graph.nodes)
 
 
-def _compile_world(rank, world_size):
+def _compile_world(rank, world_size, gather_max_ranks):
     """torch.compile(fullgraph=True) at world 2 with an unequal split."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import \
+        min_cut_rematerialization_partition
+
+    sync_bn_comm.GATHER_MAX_RANKS = gather_max_ranks
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -126,8 +130,13 @@ def _compile_world(rank, world_size):
 
         return compiler
 
+    # Partitioned as inductor does: AOTAutograd's default partition copies
+    # the forward's ops that feed an all_reduce into the backward graph
+    # (unused, but a collective is never dropped as dead code).
     backend = aot_autograd(
-        fw_compiler=counting('forward'), bw_compiler=counting('backward'))
+        fw_compiler=counting('forward'),
+        bw_compiler=counting('backward'),
+        partition_fn=min_cut_rematerialization_partition)
     with no_compile_cache():
         torch.compile(counted_model, fullgraph=True, backend=backend)(x)\
             .sum().backward()
@@ -136,14 +145,19 @@ def _compile_world(rank, world_size):
             explained.graph_break_count)
 
 
-def test_torch_compile_world_two():
-    """One graph, no graph break: dynamo turns the collective of each
-    layer into a functional one, one in the forward graph and one in the
-    backward graph per layer, and the result equals eager."""
+@pytest.mark.parametrize(
+    'gather_max_ranks', [8, 0], ids=['all_gather', 'all_reduce'])
+def test_torch_compile_world_two(gather_max_ranks):
+    """One graph, no graph break: dynamo turns the collectives of each
+    layer into functional ones, one in the forward graph (gathered rows) or
+    two (the all_reduced moments, summed around 0 and then around the mean
+    found: no decision on the data inside a graph) and one in the backward
+    graph per layer, and the result equals eager."""
+    forward = 2 if gather_max_ranks else 4
     for error, collectives, graphs, breaks in run_distributed(
-            _compile_world, 2):
+            _compile_world, 2, gather_max_ranks):
         assert error < 1e-10
-        assert collectives == {'forward': 2, 'backward': 2}
+        assert collectives == {'forward': forward, 'backward': 2}
         assert (graphs, breaks) == (1, 0)
 
 
