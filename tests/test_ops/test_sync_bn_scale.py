@@ -15,9 +15,14 @@ What is checked, on every rank:
   offset, which is exact);
 - a layer loaded from a state_dict (a resume) and a process group created
   again start from a zero shift and stay exact;
-- sub-groups on both sides of the limit: ``group_size`` 8 (or 6) gathers,
-  ``group_size`` 16 (or 12) and 6 ranks with the limit at 4 all_reduce.
+- sub-groups on both sides of the limit: half the world gathers (8 or 6
+  ranks), and all_reduces with the limit moved to 4;
+- what the ranks send is what tools/benchmark_collectives.py's cost model
+  counts for mmsync.
 """
+import importlib.util
+import os.path as osp
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -214,16 +219,43 @@ def _scale_world(rank, world_size, port):
     return results
 
 
+def _modeled_calls(world_size, group_size):
+    """What tools/benchmark_collectives.py's cost model says mmsync sends
+    per layer and step: (kind, bytes each rank contributes)."""
+    path = osp.join(
+        osp.dirname(__file__), '..', '..', 'tools', 'benchmark_collectives.py')
+    spec = importlib.util.spec_from_file_location('benchmark_collectives',
+                                                  path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.calls('mmsync', C, group_size)
+
+
+def _as_sent(calls, group_size):
+    """Recorded (collective, values) as the model counts them: the kind,
+    and the bytes of float64 each rank contributes."""
+    return [
+        ('all_gather' if name.startswith('all_gather') else name, 8 *
+         (values // group_size if name.startswith('all_gather') else values))
+        for name, values in calls
+    ]
+
+
 @pytest.mark.parametrize('world_size', [12, 16])
 def test_beyond_gather_limit(world_size):
     results = run_distributed(
         _scale_world, world_size, free_port(), timeout=600, pg_timeout=120)
     limit = 4 * C + 16
+    modeled = {
+        False: _modeled_calls(world_size, world_size),
+        True: _modeled_calls(world_size, world_size // 2)
+    }
     for rank, steps in enumerate(results):
         for s in steps:
             where = (f"rank {rank} {s['what']} mode={s['mode']} "
                      f"offset={s['offset']:g} step {s['step']}")
-            if s['what'] == 'gathered':
+            gathered = s['what'] == 'gathered'
+            if gathered:
                 # A sub-group within the limit: one gather of its rows.
                 rows = world_size // 2 * (3 * C + 2)
                 assert [v for _, v in s['forward']] == [rows], where
@@ -241,6 +273,10 @@ def test_beyond_gather_limit(world_size):
                     ('all_reduce', 3 * C + 2)
                 ] * (2 if far else 1), (where, s['forward'])
                 assert s['backward'] == [('all_reduce', 2 * C)], where
+            if s['step'] > 1 and s['what'] in ('world', 'gathered'):
+                size = world_size // 2 if gathered else world_size
+                assert _as_sent(s['forward'] + s['backward'],
+                                size) == modeled[gathered], where
             for name, (err, own, scale) in s['errors'].items():
                 tol = 10 * max(own, 4 * EPS * scale)
                 assert err <= tol, (where, name, err, own)
