@@ -297,14 +297,16 @@ def gloo_terms(kind, nbytes, world):
 def fit(measured, cores):
     """Fits t = base + hops * hop + bytes * per_byte by least squares on
     the relative error, with one hop latency while the ranks fit on the
-    cores and another (a hop waits for the scheduler) beyond: the intra-
-    and inter-node hops of the NCCL model. Returns the parameters."""
+    cores and another beyond, where a hop waits for the receiving process
+    to be scheduled among the W / cores that share its core (so it grows
+    with W / cores): the intra- and inter-node hops of the NCCL model.
+    Returns the parameters."""
     import numpy as np
     rows, target = [], []
     for (world, kind, n), t in measured.items():
         hops, moved = gloo_terms(kind, 8 * n, world)
         near = hops if world <= cores else 0
-        far = hops if world > cores else 0
+        far = hops * world / cores if world > cores else 0
         rows.append([1.0, near, far, moved])
         target.append(t)
     a = np.array(rows)
@@ -319,7 +321,8 @@ def fit(measured, cores):
 
 def predict(params, world, kind, n, cores):
     hops, moved = gloo_terms(kind, 8 * n, world)
-    hop = params['hop_s'] if world <= cores else params['oversubscribed_hop_s']
+    hop = (params['hop_s'] if world <= cores else
+           params['oversubscribed_hop_s'] * world / cores)
     return params['base_s'] + hops * hop + moved * params['byte_s']
 
 
@@ -357,8 +360,9 @@ def main():
     params = fit(measured, cores)
     print(f'gloo on {cores} cores, fitted: base {params["base_s"]*1e3:.3f} '
           f'ms, hop {params["hop_s"]*1e3:.3f} ms (ranks <= cores), '
-          f'{params["oversubscribed_hop_s"]*1e3:.3f} ms (more ranks than '
-          f'cores), {1 / max(params["byte_s"], 1e-30) / 1e9:.2f} GB/s')
+          f'{params["oversubscribed_hop_s"]*1e3:.3f} ms x W / cores (more '
+          f'ranks than cores), {1 / max(params["byte_s"], 1e-30) / 1e9:.2f} '
+          'GB/s')
     print('| W | collective | values | measured | model | model / measured |')
     print('| --- | --- | --- | --- | --- | --- |')
     worst = 1.0
