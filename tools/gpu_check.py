@@ -39,9 +39,8 @@ OPS = ('sync_bn_forward_stats', 'sync_bn_forward_finalize',
 NO_GPU = 3
 # The steps in order and their caps in seconds on the GPU machine; the
 # benchmark's is its least: it takes what is left.
-PLAN = (('install', 15), ('build', 190), ('registered', 15),
-        ('memcheck', 40), ('initcheck', 40), ('tests', 100), ('graph', 15),
-        ('benchmark', 20))
+PLAN = (('install', 15), ('build', 190), ('registered', 15), ('memcheck', 40),
+        ('initcheck', 40), ('tests', 100), ('graph', 15), ('benchmark', 20))
 SANITIZERS = ('memcheck', 'initcheck')
 # Statuses after which a follow-up has nothing to do for the step.
 FINAL = ('pass', 'FAIL', 'unavailable', 'no-gpu', 'skipped')
@@ -251,8 +250,10 @@ def _count(tests: dict) -> dict:
 def _sanitizer_status(log: str, rc: int, rehearsal: bool):
     m = re.search(r'ERROR SUMMARY: (\d+) error', log)
     errors = int(m.group(1)) if m else None
-    refused = next((line.strip() for line in log.splitlines()
-                    if any(p in line for p in REFUSED)), None)
+    refused = next(
+        (line.strip()
+         for line in log.splitlines() if any(p in line for p in REFUSED)),
+        None)
     ran = 'gpu_check: sanitize cases ran' in log
     if ran and errors == 0 and rc == 0:
         return 'pass', '0 errors in ' + re.search(
@@ -314,8 +315,7 @@ def status_of(state: str, name: str, rc: int, rehearsal: bool):
             return 'timeout', f'{cases} cases measured when cut'
         if rehearsal and 'benchmark_cuda: no CUDA GPU' in log:
             return 'no-gpu', 'imported mmsync, reached "no CUDA GPU"'
-        return ('pass', f'{cases} cases') if rc == 0 else ('FAIL',
-                                                           f'rc {rc}')
+        return ('pass', f'{cases} cases') if rc == 0 else ('FAIL', f'rc {rc}')
     if rc == NO_GPU and 'gpu_check: no CUDA GPU' in log:
         return ('no-gpu', '') if rehearsal else ('FAIL', 'no CUDA GPU')
     if timed_out:
@@ -353,8 +353,10 @@ def deselect(state: str) -> list:
 def plan(caps: dict, budget: int, call: int, summary_s: int) -> list:
     """Lines that show the caps, their sum, the budget and the call."""
     total = sum(caps.values()) + summary_s
-    lines = ['gpu_check plan (seconds, in order; the benchmark takes what is '
-             'left, at least its cap, else it waits for the follow-up):']
+    lines = [
+        'gpu_check plan (seconds, in order; the benchmark takes what is '
+        'left, at least its cap, else it waits for the follow-up):'
+    ]
     lines += [f'  {name:<11} {cap:>5}' for name, cap in caps.items()]
     lines.append(f'  {"summary":<11} {summary_s:>5}')
     fits = total <= budget < call
@@ -396,8 +398,8 @@ def _benchmark(state: str) -> list:
     for k in b.get('kernels', []):
         times = ', '.join(f'{name} {ms * 1e3:.1f} us'
                           for name, ms in k['kernel_ms'].items())
-        rows.append((f"  kernels {k['shape']} {k['dtype']} {k['layout']}",
-                     times))
+        rows.append(
+            (f"  kernels {k['shape']} {k['dtype']} {k['layout']}", times))
     steps = b.get('steps', [])
     if steps:
         ratios = [s['graph_ratio'] for s in steps]
@@ -441,9 +443,11 @@ def summary(state: str, only: str = '') -> None:
                 (f', rc {rc}' if rc not in ('0', '-') else '') +
                 (f': {note}' if note else ''))
 
-    rows = [('device', _read(os.path.join(
-        state, 'device.txt')).strip().replace('\n', '; ') or 'unknown'),
-            ('commit', os.environ.get('MMSYNC_COMMIT', 'unknown'))]
+    rows = [
+        ('device',
+         _read(os.path.join(state, 'device.txt')).strip().replace('\n', '; ')
+         or 'unknown'), ('commit', os.environ.get('MMSYNC_COMMIT', 'unknown'))
+    ]
     for name, _ in PLAN:
         rows.append((name, row(name)))
         if name == 'build':
@@ -458,9 +462,9 @@ def summary(state: str, only: str = '') -> None:
                 if o in ('failed', 'error')
             ]
             if bad:
-                rows.append(('  failed', ', '.join(bad[:12]) +
-                             (f' (+{len(bad) - 12})' if len(bad) > 12 else
-                              '')))
+                rows.append(
+                    ('  failed', ', '.join(bad[:12]) +
+                     (f' (+{len(bad) - 12})' if len(bad) > 12 else '')))
         if name == 'graph':
             m = re.search(r'max abs differences: (.*)',
                           _read(os.path.join(state, 'graph.log')))
@@ -494,12 +498,12 @@ def verdict(state: str, rehearsal: bool) -> int:
         names.append('sanitize_cases')
     bad = [
         f'{name} {steps[name][3] if name in steps else "not run"}'
-        for name in names
-        if name not in steps or steps[name][3] not in _expected(
-            name, rehearsal)
+        for name in names if name not in steps
+        or steps[name][3] not in _expected(name, rehearsal)
     ]
-    print('gpu_check: ' + ('all steps as expected' if not bad else
-                           'not as expected: ' + ', '.join(bad)))
+    print('gpu_check: ' +
+          ('all steps as expected' if not bad else 'not as expected: ' +
+           ', '.join(bad)))
     return 0 if not bad else 1
 
 
@@ -541,9 +545,10 @@ def main():
     elif args.cmd == 'plan':
         caps = dict(c.split('=') for c in args.caps)
         print('\n'.join(
-            plan({k: int(v)
-                  for k, v in caps.items()}, args.budget, args.call,
-                 args.summary)))
+            plan({
+                k: int(v)
+                for k, v in caps.items()
+            }, args.budget, args.call, args.summary)))
     elif args.cmd == 'record':
         sys.exit(
             record(args.state, args.name, args.rc, args.secs, args.cap,
