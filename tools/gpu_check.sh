@@ -170,11 +170,12 @@ if [ "$MODE" = rehearse ]; then
            GPU_CHECK_REHEARSAL=1 SITE="$REH/site" OUT="$REH/out"
            GPU_CHECK_STATE="$REH/state" MAX_JOBS=${MAX_JOBS:-2}
            BUILD_S=${BUILD_S:-1200})
-  env "${reh_env[@]}" GPU_CHECK_BUDGET_S=${GPU_CHECK_BUDGET_S:-1800} \
-    bash "$REH/tree/tools/gpu_check.sh"
+  budget=${GPU_CHECK_BUDGET_S:-1800}
+  env "${reh_env[@]}" GPU_CHECK_BUDGET_S=$budget \
+    GPU_CHECK_CALL_S=$(( budget + 30 )) bash "$REH/tree/tools/gpu_check.sh"
   rc=$?
   if [ $rc = 0 ]; then
-    env "${reh_env[@]}" GPU_CHECK_BUDGET_S=130 \
+    env "${reh_env[@]}" GPU_CHECK_BUDGET_S=130 GPU_CHECK_CALL_S=150 \
       bash "$REH/tree/tools/gpu_check.sh" --follow-up
     rc=$?
   fi

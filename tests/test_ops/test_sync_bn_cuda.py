@@ -302,6 +302,29 @@ def test_no_device_to_host_sync():
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize('channels_last', (False, True))
+def test_module_grad_output_in_the_other_layout(channels_last):
+    """dy in the other memory layout than x (converted once, in the
+    backward): the gradients of F.batch_norm."""
+    from mmsync.ops import SyncBatchNorm
+    fmts = (torch.contiguous_format, torch.channels_last)
+    fmt, other = fmts[::-1] if channels_last else fmts
+    x = torch.randn(8, 16, 6, 7, device='cuda').contiguous(memory_format=fmt)
+    x.requires_grad_()
+    dy = torch.randn(
+        8, 16, 6, 7, device='cuda').contiguous(memory_format=other)
+    layer = SyncBatchNorm(16, stats_mode='N').cuda()
+    layer(x).backward(dy)
+    x64 = x.detach().cpu().double().requires_grad_()
+    F.batch_norm(x64, None, None,
+                 layer.weight.detach().cpu().double(),
+                 layer.bias.detach().cpu().double(),
+                 True).backward(dy.cpu().double())
+    assert x.grad.stride() == x.stride()
+    err = compare(x.grad, x64.grad, torch.float32)
+    assert not err, err
+
+
 def _op_step(x, dy, w, b, rm, rv, nbt):
     ops = _ops()
     count = x.numel() // x.size(1)
