@@ -146,6 +146,40 @@ def test_parameter_and_sum_dtypes(emu, dtype, params, sums_float64):
                    seed=5))
 
 
+def test_rows_reductions_tile_wide_rows(emu):
+    """ROWS reductions at large C: blocks of 32 channel vectors by 8 rows,
+    so that 512 channels make 4 channel tiles (of 4 row splits here) rather
+    than many row splits; the partials merged by blocks of 32 channels by 8
+    split lanes in a fixed order: bitwise equal under any schedule."""
+    outs = []
+    for seed in (1, 77):
+        emu.emu_trace()
+        _check(emu, OpCase((256, 512), relu=True, offset=10.0), 4, seed)
+        trace = emu.emu_trace()
+        for kernel in ('stats_rows_kernel', 'reduce_rows_kernel'):
+            launches = re.findall(
+                rf'{kernel}<[^>]*> grid=\((\d+),(\d+)\) '
+                r'block=\((\d+),(\d+)\)', trace)
+            assert launches and all(
+                (x, y, bx, by) == ('4', '4', '32', '8')
+                for x, y, bx, by in launches), (kernel, trace)
+        for kernel in ('stats_merge_kernel', 'reduce_merge_kernel'):
+            assert re.search(rf'{kernel}<[^>]*> grid=\(16,1\) block=\(32,8\)',
+                             trace), (kernel, trace)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(256, 512, generator=gen) + 3
+        dy = torch.randn(256, 512, generator=gen)
+        stats = emu.sync_bn_forward_stats(x, True)
+        mean, invstd, _ = emu.sync_bn_forward_finalize(stats, None, None, None,
+                                                       0.1, 1e-5, 256, True,
+                                                       torch.float64)
+        outs.append((stats,
+                     emu.sync_bn_backward_reduce(dy, x, mean, invstd, None,
+                                                 None, False)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def test_empty_batch_everywhere(emu):
     """All ranks empty: zero statistics, no running-stat update."""
     emu.emu_config(3, 1)
