@@ -554,7 +554,8 @@ def main():
             record(args.state, args.name, args.rc, args.secs, args.cap,
                    args.status, args.note, args.rehearsal))
     elif args.cmd in ('pending', 'deselect'):
-        print('\n'.join(globals()[args.cmd](args.state)))
+        for line in globals()[args.cmd](args.state):
+            print(line)
     elif args.cmd == 'summary':
         summary(args.state, args.only)
     elif args.cmd == 'verdict':

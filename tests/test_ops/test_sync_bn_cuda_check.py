@@ -171,3 +171,18 @@ def test_plugin_writes_each_result_as_it_ends(tmp_path):
         'test_sample.py::test_bad': 'failed',
         'test_sample.py::test_skipped': 'skipped'
     }
+
+
+@pytest.mark.parametrize('cmd', ('pending', 'deselect'))
+def test_nothing_left_prints_nothing(tmp_path, cmd):
+    """An empty answer is no line at all: the shell reads each line as one
+    argument, and an empty one would make pytest collect the whole tree."""
+    rows = [(s, 0, 'pass') for s in STEPS]
+    state = _state(tmp_path, rows)
+    done = subprocess.run(
+        [sys.executable,
+         osp.join(REPO, 'tools', 'gpu_check.py'), cmd, state],
+        capture_output=True,
+        text=True,
+        check=True)
+    assert done.stdout == ''
