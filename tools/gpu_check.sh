@@ -299,7 +299,7 @@ if [ "$MODE" = follow-up ]; then
 else
   TODO=("${STEPS[@]}")
 fi
-if [ "$REHEARSAL" = 1 ]; then
+if [ "$REHEARSAL" = 1 ] && [ "$MODE" = check ]; then
   echo "the device's plan of the main call:"
   "${CHECK[@]}" plan --budget 450 --call 480 --summary "$SUMMARY_S" \
     $("${CHECK[@]}" caps | tr ' ' '=')
