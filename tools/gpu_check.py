@@ -251,7 +251,7 @@ def _sanitizer_status(log: str, rc: int, rehearsal: bool):
     m = re.search(r'ERROR SUMMARY: (\d+) error', log)
     errors = int(m.group(1)) if m else None
     refused = next(
-        (line.strip()
+        (line.strip().lstrip('= ')
          for line in log.splitlines() if any(p in line for p in REFUSED)),
         None)
     ran = 'gpu_check: sanitize cases ran' in log
@@ -301,6 +301,12 @@ def _benchmark_cases(state: str) -> int:
     return sum(len(b.get(k, [])) for k in ('kernels', 'steps', 'passes'))
 
 
+def _last(log: str) -> str:
+    """The log's last line that says something: why a step failed."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    return lines[-1][:160] if lines else 'no output'
+
+
 def status_of(state: str, name: str, rc: int, rehearsal: bool):
     """(status, note) of step NAME that exited with rc."""
     log = _read(os.path.join(state, f'{name}.log'))
@@ -315,12 +321,12 @@ def status_of(state: str, name: str, rc: int, rehearsal: bool):
             return 'timeout', f'{cases} cases measured when cut'
         if rehearsal and 'benchmark_cuda: no CUDA GPU' in log:
             return 'no-gpu', 'imported mmsync, reached "no CUDA GPU"'
-        return ('pass', f'{cases} cases') if rc == 0 else ('FAIL', f'rc {rc}')
+        return ('pass', f'{cases} cases') if rc == 0 else ('FAIL', _last(log))
     if rc == NO_GPU and 'gpu_check: no CUDA GPU' in log:
         return ('no-gpu', '') if rehearsal else ('FAIL', 'no CUDA GPU')
     if timed_out:
         return 'timeout', ''
-    return ('pass', '') if rc == 0 else ('FAIL', f'rc {rc}')
+    return ('pass', '') if rc == 0 else ('FAIL', _last(log))
 
 
 def record(state, name, rc, secs, cap, status, note, rehearsal) -> int:
