@@ -5,18 +5,23 @@ no collective runs), with CUDA events and medians:
 
 1. copy: the device-to-device copy bandwidth of a 1 GiB tensor (bytes read
    plus bytes written), the ceiling of every pass below;
-2. step: forward+backward of MMSyncBN against ``nn.BatchNorm2d`` (cuDNN or
+2. kernels: the device time of each kernel of the five ops (torch's
+   profiler) at ResNet-50 shapes chosen to isolate the suspected slow paths
+   (KERNEL_CASES), with each op's bandwidth against the copy;
+3. step: forward+backward of MMSyncBN against ``nn.BatchNorm2d`` (cuDNN or
    ATen) for the issue's shapes, float16 / bfloat16 / float32, NCHW and
    channels_last. Each step is timed from CUDA-graph replays (GPU time) and
    eagerly (what a Python loop sees); every replay walks through enough
    input sets to leave the L2 cache;
-3. passes: the effective bandwidth of each MMSyncBN kernel on >= 256 MB
+4. passes: the effective bandwidth of each MMSyncBN kernel on >= 256 MB
    tensors against the copy, the whole step expressed in full-tensor passes
    at copy speed (target <= 8; mmcv's design needs 13), the kernels one step
    launches, and a check that a step never synchronizes with the host
    (``torch.cuda.set_sync_debug_mode('error')``).
 
-The tables are printed last; ``--json`` writes every number.
+The tables are printed last; ``--json`` writes every number, after each
+case, and ``--resume`` skips the cases that file already holds (the GPU
+check's follow-up call finishes a cut run).
 
 Example:
     python tools/benchmark_cuda.py --json work_dirs/benchmark_cuda.json
@@ -40,6 +45,20 @@ DTYPES = {
     'float32': torch.float32
 }
 LAYOUTS = ('nchw', 'channels_last')
+# (shape, dtype, layout, what it isolates): the paths a review suspected.
+KERNEL_CASES = (
+    ((32, 64, 56, 56), 'float16', 'channels_last',
+     'C = 64 ROWS: a reduction of few channels ends in its merge'),
+    ((32, 256, 56, 56), 'float16', 'channels_last',
+     'fp16 ROWS 8-wide kernels: 1-2 rows of 16 B in flight per thread'),
+    ((32, 2048, 7, 7), 'float16', 'channels_last',
+     'C = 2048, small N*HW ROWS: partials of split rows'),
+    ((32, 2048, 7, 7), 'float16', 'nchw',
+     '7x7 planes: the flat passes change channel every vector'),
+    ((32, 512, 28, 28), 'bfloat16', 'channels_last',
+     'bf16 ROWS at a middle stage'),
+    ((32, 256, 56, 56), 'float32', 'nchw', 'float32 PLANAR, large planes'),
+)
 # Bytes of one step touched by each pass, in units of the input's size.
 PASS_BYTES = {'stats': 1, 'output': 2, 'reduce': 2, 'data': 3}
 
@@ -61,6 +80,10 @@ def parse_args():
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--reps', type=int, default=20)
     parser.add_argument('--json', help='write all results here')
+    parser.add_argument(
+        '--resume',
+        action='store_true',
+        help='keep the cases the --json file holds, measure the rest')
     args = parser.parse_args()
     args.shapes = [tuple(int(v) for v in s.split('x')) for s in args.shapes]
     return args
@@ -171,6 +194,79 @@ def time_step(shape, dtype, layout, args):
     return row
 
 
+def _kernel_name(name):
+    """'void mmsync::cuda::k<c10::Half, float, 8>(...)' -> 'k<Half,float,8>'."""
+    name = name.split('(')[0].replace('void ', '').replace('c10::', '')
+    return name.replace('mmsync::cuda::', '').replace(' ', '')
+
+
+def op_calls(x, dy, C):
+    """The five ops of one step (world 1), each a callable."""
+    ops = torch.ops.mmsync
+    count = x.numel() // C
+    w = torch.rand(C, device=x.device) + 0.5
+    b = torch.randn(C, device=x.device)
+    rm, rv = torch.zeros(C, device=x.device), torch.ones(C, device=x.device)
+    stats = ops.sync_bn_forward_stats(x, True)
+    mean, invstd, scale = ops.sync_bn_forward_finalize(stats, rm, rv, None,
+                                                       0.1, 1e-5, count, True,
+                                                       torch.float64)
+    sums = ops.sync_bn_backward_reduce(dy, x, mean, invstd, w, b, True)
+    return {
+        'stats':
+        lambda: ops.sync_bn_forward_stats(x, True),
+        'finalize':
+        lambda: ops.sync_bn_forward_finalize(stats, rm, rv, None, 0.1, 1e-5,
+                                             count, True, torch.float64),
+        'output':
+        lambda: ops.sync_bn_forward_output(x, mean, invstd, w, b, True),
+        'reduce':
+        lambda: ops.sync_bn_backward_reduce(dy, x, mean, invstd, w, b, True),
+        'data':
+        lambda: ops.sync_bn_backward_data(dy, x, mean, invstd, w, b, sums,
+                                          scale, True),
+    }
+
+
+def time_kernels(shape, dtype, layout, what, copy_gbs, args):
+    """Per-kernel device time (profiler) and per-op bandwidth of one step's
+    ops at ``shape``."""
+    from torch.profiler import ProfilerActivity, profile
+    xs, dys = make_inputs(shape, dtype, layout, 1)
+    x, dy = xs[0].detach(), dys[0]
+    calls = op_calls(x, dy, shape[1])
+    tensor_bytes = x.numel() * x.element_size()
+    row = dict(
+        shape='x'.join(map(str, shape)),
+        dtype=str(dtype)[6:],
+        layout=layout,
+        what=what,
+        op_ms={},
+        op_of_copy={},
+        kernel_ms={})
+    for name, fn in calls.items():
+        fn()
+        ms = event_ms(fn, args.reps)
+        row['op_ms'][name] = ms
+        if name in PASS_BYTES:
+            gbs = PASS_BYTES[name] * tensor_bytes / ms / 1e6
+            row['op_of_copy'][name] = gbs / copy_gbs
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.reps):
+            for fn in calls.values():
+                fn()
+        torch.cuda.synchronize()
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = _kernel_name(evt.name)
+        row['kernel_ms'][name] = (
+            row['kernel_ms'].get(name, 0.0) +
+            evt.time_range.elapsed_us() / 1e3 / args.reps)
+    return row
+
+
 def big_shape(numel, layout):
     """A 4-D shape of `numel` elements, C = 256."""
     hw = 64
@@ -180,39 +276,20 @@ def big_shape(numel, layout):
 
 def pass_bandwidth(dtype, layout, copy_gbs, args):
     """Effective GB/s of each pass, and the step in full-tensor passes."""
-    ops = torch.ops.mmsync
     shape = big_shape(args.big_numel, layout)
     x = torch.randn(shape, device='cuda', dtype=dtype)
     x = x.contiguous(memory_format=fmt_of(layout))
     dy = torch.randn_like(x)
     C = shape[1]
-    count = x.numel() // C
-    w = torch.rand(C, device='cuda') + 0.5
-    b = torch.randn(C, device='cuda')
-    rm, rv = torch.zeros(C, device='cuda'), torch.ones(C, device='cuda')
-    stats = ops.sync_bn_forward_stats(x, True)
-    mean, invstd, scale = ops.sync_bn_forward_finalize(stats, rm, rv, None,
-                                                       0.1, 1e-5, count, True,
-                                                       torch.float64)
-    sums = ops.sync_bn_backward_reduce(dy, x, mean, invstd, w, b, False)
-    calls = {
-        'stats':
-        lambda: ops.sync_bn_forward_stats(x, True),
-        'output':
-        lambda: ops.sync_bn_forward_output(x, mean, invstd, w, b, False),
-        'reduce':
-        lambda: ops.sync_bn_backward_reduce(dy, x, mean, invstd, w, b, False),
-        'data':
-        lambda: ops.sync_bn_backward_data(dy, x, mean, invstd, w, b, sums,
-                                          scale, False),
-    }
+    calls = op_calls(x, dy, C)
     tensor_bytes = x.numel() * x.element_size()
     row = dict(
         dtype=str(dtype)[6:],
         layout=layout,
         shape='x'.join(map(str, shape)),
         mbytes=tensor_bytes / 2**20)
-    for name, fn in calls.items():
+    for name in PASS_BYTES:
+        fn = calls[name]
         fn()
         ms = event_ms(fn, args.reps)
         gbs = PASS_BYTES[name] * tensor_bytes / ms / 1e6
@@ -291,16 +368,31 @@ def main():
         raise SystemExit('benchmark_cuda: mmsync._ext has no CUDA kernels')
     torch.backends.cudnn.benchmark = True
     props = torch.cuda.get_device_properties(0)
-    results = dict(
-        info=dict(
-            device=props.name,
-            sms=props.multi_processor_count,
-            torch=torch.__version__,
-            cuda=torch.version.cuda,
-            commit=commit()),
-        copy_gbs=copy_bandwidth(args.reps),
-        steps=[],
-        passes=[])
+    results = None
+    if args.resume and args.json and os.path.exists(args.json):
+        with open(args.json, encoding='utf-8') as f:
+            results = json.load(f)
+        print(f"benchmark_cuda: resuming {args.json}: "
+              f"{len(results.get('kernels', []))} kernel, "
+              f"{len(results['steps'])} step, {len(results['passes'])} "
+              'pass cases kept')
+    if results is None:
+        results = dict(
+            info=dict(
+                device=props.name,
+                sms=props.multi_processor_count,
+                torch=torch.__version__,
+                cuda=torch.version.cuda,
+                commit=commit()),
+            copy_gbs=copy_bandwidth(args.reps),
+            steps=[],
+            passes=[])
+    results.setdefault('kernels', [])
+
+    def done(section, **key):
+        return any(
+            all(r.get(k) == v for k, v in key.items())
+            for r in results[section])
 
     def save():
         # After every case: a run stopped at its deadline keeps what it
@@ -312,28 +404,50 @@ def main():
                 json.dump(results, f, indent=1)
 
     save()
+    for shape, d, layout, what in KERNEL_CASES:
+        key = dict(shape='x'.join(map(str, shape)), dtype=d, layout=layout)
+        if not done('kernels', **key):
+            results['kernels'].append(
+                time_kernels(shape, DTYPES[d], layout, what,
+                             results['copy_gbs'], args))
+            save()
     for shape in args.shapes:
         for d in args.dtypes:
             for layout in args.layouts:
-                results['steps'].append(
-                    time_step(shape, DTYPES[d], layout, args))
-                save()
+                key = dict(
+                    shape='x'.join(map(str, shape)), dtype=d, layout=layout)
+                if not done('steps', **key):
+                    results['steps'].append(
+                        time_step(shape, DTYPES[d], layout, args))
+                    save()
     for d in args.dtypes:
         for layout in args.layouts:
-            results['passes'].append(
-                pass_bandwidth(DTYPES[d], layout, results['copy_gbs'], args))
-            save()
-    report(results['info'], results['copy_gbs'], results['steps'],
-           results['passes'])
+            if not done('passes', dtype=d, layout=layout):
+                results['passes'].append(
+                    pass_bandwidth(DTYPES[d], layout, results['copy_gbs'],
+                                   args))
+                save()
+    report(results)
 
 
-def report(info, copy_gbs, steps, passes):
+def report(results):
+    info, copy_gbs = results['info'], results['copy_gbs']
+    steps, passes = results['steps'], results['passes']
     print(f"\n{info['device']} ({info['sms']} SMs), torch {info['torch']}, "
           f"CUDA {info['cuda']}, commit {info['commit']}")
     print(f'device-to-device copy: {copy_gbs:.0f} GB/s (read + write)\n')
-    print('kernels of one step (MMSyncBN, first pass-bandwidth config):')
-    for name, n in sorted(passes[0]['kernels'].items()):
-        print(f'  {n:3d} x {name}')
+    if passes:
+        print('kernels of one step (MMSyncBN, first pass-bandwidth config):')
+        for name, n in sorted(passes[0]['kernels'].items()):
+            print(f'  {n:3d} x {name}')
+    for k in results['kernels']:
+        print(f"\n{k['shape']} {k['dtype']} {k['layout']}: {k['what']}")
+        print('  ops, ms (of copy): ' + ', '.join(
+            f"{op} {ms:.4f}" +
+            (f" ({k['op_of_copy'][op]:.2f})" if op in k['op_of_copy'] else '')
+            for op, ms in k['op_ms'].items()))
+        for name, ms in k['kernel_ms'].items():
+            print(f'  {ms * 1e3:9.1f} us  {name}')
     print('\nforward+backward per step, ms (graph: CUDA-graph replay, '
           'GPU time; eager: Python loop); ratio = mmsync / native')
     head = (f"{'shape':>16} {'dtype':>8} {'layout':>13} {'mmsync':>8} "

@@ -269,6 +269,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if ctx.check is not None:
             ctx.check(ctx.group, 1, channels, grad_output.dtype,
                       ctx.stats_mode, grad_output.device)
+        if grad_output.stride() != input.stride():
+            # The kernels read dy in the input's layout: one copy here, not
+            # one in each of the two ops below.
+            grad_output = _empty_in_kernel_layout(input).copy_(grad_output)
         sums = ext_module.sync_bn_backward_reduce(grad_output, input, mean,
                                                   invstd, weight, bias,
                                                   ctx.relu)

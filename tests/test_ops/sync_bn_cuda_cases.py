@@ -83,6 +83,10 @@ class OpCase:
     # What finalize returns mean / invstd / scale in: sync_bn.py asks for
     # float64; the ops accept the accumulate type too.
     finalize_dtype: str = 'float64'
+    # weight / bias dtype ('' : the accumulate type, as the module's are for
+    # float16 inputs); the backward sums in float64, as a group's are.
+    param_dtype: str = ''
+    sums_float64: bool = False
     seed: int = 0
     name: str = field(default='')
 
@@ -107,6 +111,10 @@ class OpCase:
             parts.append(f'offset={self.offset:g}')
         if self.finalize_dtype != 'float64':
             parts.append(f'finalize={self.finalize_dtype}')
+        if self.param_dtype:
+            parts.append(f'params={self.param_dtype}')
+        if self.sums_float64:
+            parts.append('sums=float64')
         return ','.join(parts)
 
 
@@ -242,8 +250,12 @@ def run_case(ops, case: OpCase, device: str) -> List[str]:
             fail(f'{what}: {err}')
 
     to_dev = dict(device=device)
-    w = weight.to(acc).to(**to_dev) if weight is not None else None
-    b = bias.to(acc).to(**to_dev) if bias is not None else None
+    pdtype = DTYPES[case.param_dtype] if case.param_dtype else acc
+    if weight is not None:
+        # The oracle sees the parameters as rounded to their dtype.
+        weight, bias = weight.to(pdtype).double(), bias.to(pdtype).double()
+    w = weight.to(pdtype).to(**to_dev) if weight is not None else None
+    b = bias.to(pdtype).to(**to_dev) if bias is not None else None
     # Every rank keeps its own running stats; all must end up equal.
     ranks_running = []
     for _ in splits:
@@ -284,6 +296,8 @@ def run_case(ops, case: OpCase, device: str) -> List[str]:
             ops.sync_bn_backward_reduce(dyi, xi, mean, invstd, w, b,
                                         case.relu))
     total_sums = torch.stack(sums).sum(0)  # the backward group sum
+    if case.sums_float64:
+        total_sums = total_sums.double()
     ys, dxs = [], []
     for xi, dyi, (mean, invstd, scale) in zip(xs, dys, results):
         y = ops.sync_bn_forward_output(xi, mean, invstd, w, b, case.relu)

@@ -100,19 +100,51 @@ def test_ops_benchmark_sizes(shape, layout, dtype):
     assert failures == [], '\n'.join(failures)
 
 
-@pytest.mark.parametrize('layout', ('contiguous', 'channels_last'))
-def test_ops_more_than_65535_channels(layout):
-    """70000 channels: PLANAR reduction grids (65535 channels at most in
-    grid y) loop over the rest; ROWS tiles them. Two ranks, one holding
-    one sample."""
+@pytest.mark.parametrize(
+    'shape, layout, splits',
+    [
+        # PLANAR: 8 channels a reduction tile, 8,750 tiles (grid y holds
+        # them); the flat passes.
+        ((3, 70000, 3), 'contiguous', [1, 2]),
+        # ROWS: 17,500 channel vectors, 547 reduction tiles of 32.
+        ((3, 70000, 3), 'channels_last', [1, 2]),
+        # PLANAR: 75,000 reduction tiles, past grid y's 65,535: the loop.
+        ((2, 600000, 3), 'contiguous', [1, 1]),
+        # ROWS: 2,100,000 channel vectors, 65,625 reduction tiles of 32,
+        # past grid y: the loop of the ROWS reductions.
+        ((2, 8400000), 'contiguous', [1, 1]),
+    ])
+def test_ops_more_than_65535_channels(shape, layout, splits):
+    """Channel counts whose reduction grids need more than grid y's 65535
+    tiles (the kernels loop over the rest), or nearly. Two ranks, one
+    holding one sample."""
     failures = run_case(
         _ops(),
-        OpCase((3, 70000, 3),
-               splits=[1, 2],
-               layout=layout,
-               relu=True,
-               name=f'70000 channels,{layout}'), 'cuda')
+        OpCase(
+            shape,
+            splits=splits,
+            layout=layout,
+            relu=True,
+            name=f"{'x'.join(map(str, shape))} channels,{layout}"), 'cuda')
     assert failures == [], '\n'.join(failures[:20])
+
+
+@pytest.mark.parametrize('dtype, params', [('float32', 'float16'),
+                                           ('float32', 'float64'),
+                                           ('bfloat16', 'bfloat16'),
+                                           ('float64', 'float32')])
+@pytest.mark.parametrize('layout', ('contiguous', 'channels_last'))
+def test_ops_parameter_and_sum_dtypes(dtype, params, layout):
+    """weight / bias in their own dtype, the group's sums in float64."""
+    failures = run_case(
+        _ops(),
+        OpCase((6, 8, 3, 5),
+               layout=layout,
+               dtype=dtype,
+               relu=True,
+               param_dtype=params,
+               sums_float64=True), 'cuda')
+    assert failures == [], '\n'.join(failures)
 
 
 # --------------------------------------------------------------------------
@@ -250,37 +282,6 @@ def test_module_one_value_per_channel_raises():
         layer(torch.randn(1, 3, device='cuda'))
 
 
-def _gloo_worker(rank, world_size, cases):
-    torch.cuda.set_device(0)
-    failures = []
-    for case in cases:
-        failures += check_module(case, rank, world_size)
-    return failures
-
-
-def test_gloo_two_processes_one_gpu():
-    """Two ranks on one GPU, gloo all_reduce of CUDA tensors."""
-    from dist_utils import run_distributed
-    cases = [
-        ModuleCase((8, 3, 4, 5), splits=[3, 5], seed=201),
-        ModuleCase((6, 4, 3, 3),
-                   splits=[0, 6],
-                   channels_last=True,
-                   dtype='float16',
-                   act='relu',
-                   seed=202),
-        ModuleCase((7, 5), splits=[7, 0], dtype='bfloat16', seed=203),
-        ModuleCase((4, 2, 3, 2, 2),
-                   splits=[2, 2],
-                   stats_mode='default',
-                   dtype='float64',
-                   seed=204),
-    ]
-    results = run_distributed(_gloo_worker, 2, cases, timeout=240)
-    failures = [f for r in results for f in r]
-    assert failures == [], '\n'.join(failures[:20])
-
-
 # --------------------------------------------------------------------------
 # Properties of the CUDA path.
 
@@ -299,6 +300,29 @@ def test_no_device_to_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode('default')
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize('channels_last', (False, True))
+def test_module_grad_output_in_the_other_layout(channels_last):
+    """dy in the other memory layout than x (converted once, in the
+    backward): the gradients of F.batch_norm."""
+    from mmsync.ops import SyncBatchNorm
+    fmts = (torch.contiguous_format, torch.channels_last)
+    fmt, other = fmts[::-1] if channels_last else fmts
+    x = torch.randn(8, 16, 6, 7, device='cuda').contiguous(memory_format=fmt)
+    x.requires_grad_()
+    dy = torch.randn(
+        8, 16, 6, 7, device='cuda').contiguous(memory_format=other)
+    layer = SyncBatchNorm(16, stats_mode='N').cuda()
+    layer(x).backward(dy)
+    x64 = x.detach().cpu().double().requires_grad_()
+    F.batch_norm(x64, None, None,
+                 layer.weight.detach().cpu().double(),
+                 layer.bias.detach().cpu().double(),
+                 True).backward(dy.cpu().double())
+    assert x.grad.stride() == x.stride()
+    err = compare(x.grad, x64.grad, torch.float32)
+    assert not err, err
 
 
 def _op_step(x, dy, w, b, rm, rv, nbt):
@@ -420,7 +444,43 @@ def test_more_than_2_31_elements(layout):
     assert not err, f'grad_input: {err}'
 
 
+# --------------------------------------------------------------------------
+# Last: two processes (the slowest test, and the likeliest to hang); the GPU
+# check's per-test results keep everything above when it is cut here.
+
+
 def test_gloo_available():
-    """The distributed test above relies on gloo (CUDA tensors are staged
+    """The distributed test below relies on gloo (CUDA tensors are staged
     through the host)."""
     assert dist.is_available() and dist.is_gloo_available()
+
+
+def _gloo_worker(rank, world_size, cases):
+    torch.cuda.set_device(0)
+    failures = []
+    for case in cases:
+        failures += check_module(case, rank, world_size)
+    return failures
+
+
+def test_gloo_two_processes_one_gpu():
+    """Two ranks on one GPU, gloo all_reduce of CUDA tensors."""
+    from dist_utils import run_distributed
+    cases = [
+        ModuleCase((8, 3, 4, 5), splits=[3, 5], seed=201),
+        ModuleCase((6, 4, 3, 3),
+                   splits=[0, 6],
+                   channels_last=True,
+                   dtype='float16',
+                   act='relu',
+                   seed=202),
+        ModuleCase((7, 5), splits=[7, 0], dtype='bfloat16', seed=203),
+        ModuleCase((4, 2, 3, 2, 2),
+                   splits=[2, 2],
+                   stats_mode='default',
+                   dtype='float64',
+                   seed=204),
+    ]
+    results = run_distributed(_gloo_worker, 2, cases, timeout=240)
+    failures = [f for r in results for f in r]
+    assert failures == [], '\n'.join(failures[:20])

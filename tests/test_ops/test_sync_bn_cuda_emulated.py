@@ -33,6 +33,7 @@ DTYPES_T = {
     'bfloat16': torch.bfloat16,
     'float64': torch.float64
 }
+PARAM_DTYPES = ('float32', 'float64', 'float16', 'bfloat16')
 CPP = {
     'float32': 'float',
     'float16': 'Half',
@@ -119,6 +120,64 @@ def test_channel_tiles(emu):
     """ROWS with more channel vectors than one block holds."""
     _check(emu, OpCase((6, 1032), relu=True), sms=2)
     _check(emu, OpCase((3, 1030, 2, 1), layout='channels_last'), sms=2)
+
+
+@pytest.mark.parametrize('dtype, params', [
+    ('float32', 'float16'),
+    ('float32', 'bfloat16'),
+    ('float32', 'float64'),
+    ('float16', 'float16'),
+    ('bfloat16', 'bfloat16'),
+    ('float64', 'float32'),
+])
+@pytest.mark.parametrize('sums_float64', (False, True))
+def test_parameter_and_sum_dtypes(emu, dtype, params, sums_float64):
+    """weight / bias in any float dtype (read as they are by the channel
+    tables of the elementwise passes) and the group's sums in float64."""
+    for layout in ('contiguous', 'channels_last'):
+        _check(
+            emu,
+            OpCase((6, 8, 3, 5),
+                   layout=layout,
+                   dtype=dtype,
+                   relu=True,
+                   param_dtype=params,
+                   sums_float64=sums_float64,
+                   seed=5))
+
+
+def test_rows_reductions_tile_wide_rows(emu):
+    """ROWS reductions at large C: blocks of 32 channel vectors by 8 rows,
+    so that 512 channels make 4 channel tiles (of 4 row splits here) rather
+    than many row splits; the partials merged by blocks of 32 channels by 8
+    split lanes in a fixed order: bitwise equal under any schedule."""
+    outs = []
+    for seed in (1, 77):
+        emu.emu_trace()
+        _check(emu, OpCase((256, 512), relu=True, offset=10.0), 4, seed)
+        trace = emu.emu_trace()
+        for kernel in ('stats_rows_kernel', 'reduce_rows_kernel'):
+            launches = re.findall(
+                rf'{kernel}<[^>]*> grid=\((\d+),(\d+)\) '
+                r'block=\((\d+),(\d+)\)', trace)
+            assert launches and all(
+                (x, y, bx, by) == ('4', '4', '32', '8')
+                for x, y, bx, by in launches), (kernel, trace)
+        for kernel in ('stats_merge_kernel', 'reduce_merge_kernel'):
+            assert re.search(rf'{kernel}<[^>]*> grid=\(16,1\) block=\(32,8\)',
+                             trace), (kernel, trace)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(256, 512, generator=gen) + 3
+        dy = torch.randn(256, 512, generator=gen)
+        stats = emu.sync_bn_forward_stats(x, True)
+        mean, invstd, _ = emu.sync_bn_forward_finalize(stats, None, None, None,
+                                                       0.1, 1e-5, 256, True,
+                                                       torch.float64)
+        outs.append((stats,
+                     emu.sync_bn_backward_reduce(dy, x, mean, invstd, None,
+                                                 None, False)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 def test_empty_batch_everywhere(emu):
@@ -233,6 +292,15 @@ def test_every_kernel_instance_runs(emu):
             run_case(emu, OpCase(shape, layout=layout, dtype=dtype), 'cpu')
         run_case(emu, OpCase((5, 3, 4), dtype=dtype, finalize_dtype='float32'),
                  'cpu')
+    for dtype in ('float32', 'float64'):
+        for params in PARAM_DTYPES:
+            for sums_float64 in (False, True):
+                run_case(
+                    emu,
+                    OpCase((5, 3, 4),
+                           dtype=dtype,
+                           param_dtype=params,
+                           sums_float64=sums_float64), 'cpu')
     for run in ('float16', 'bfloat16'):
         x = torch.randn(4, 3, 5)
         stats = emu.sync_bn_forward_stats(x, True)
@@ -256,6 +324,10 @@ def test_every_kernel_instance_runs(emu):
             for k in ('output_planar_kernel', 'data_planar_kernel'):
                 want.add(f'{k}<{t},{acc},{v}>')
     for acc in ('float', 'double'):
+        for param in ('float', 'double', 'Half', 'BFloat16'):
+            want.add(f'channel_table_kernel<{acc},{param},{acc},false>')
+            want.add(f'channel_table_kernel<{acc},{param},{acc},true>')
+            want.add(f'channel_table_kernel<{acc},{param},double,true>')
         want.add(f'stats_merge_kernel<{acc}>')
         want.add(f'reduce_merge_kernel<{acc}>')
         for run in ('float', 'double', 'Half', 'BFloat16'):

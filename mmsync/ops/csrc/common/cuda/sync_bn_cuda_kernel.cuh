@@ -186,29 +186,51 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
   }
 }
 
-// One warp per channel merges the `splits` partial moments in float64, in a
-// fixed order (deterministic), adds the shift back and writes the packed
-// buffer.
+// The merge kernels' blocks: kMergeLanes channels (adjacent lanes read
+// adjacent channels of a split's partials: coalesced) by kMergeRows lanes
+// over the splits, each of which merges the splits j = row (mod kMergeRows)
+// in float64 in order; a fixed tree over the rows then merges those
+// (deterministic, no atomics).
+constexpr int kMergeLanes = 32;
+constexpr int kMergeRows = kThreads / kMergeLanes;
+
+// Merges the `splits` partial moments of each channel, adds the shift back
+// and writes the packed buffer. Block (kMergeLanes, kMergeRows).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     stats_merge_kernel(const acc_t* __restrict__ partial, int64_t splits,
                        int64_t C, double* __restrict__ packed, double weight,
                        double count) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = (int64_t(gridDim.x) * kThreads) >> 5;
-  for (int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> 5; c < C;
-       c += warps) {
+  __shared__ double sh[3][kMergeRows][kMergeLanes];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int64_t c0 = int64_t(blockIdx.x) * kMergeLanes; c0 < C;
+       c0 += int64_t(gridDim.x) * kMergeLanes) {
+    const int64_t c = c0 + tx;
     double n = 0.0, mean = 0.0, m2 = 0.0;
-    for (int64_t j = lane; j < splits; j += 32)
-      chan_merge(n, mean, m2, double(partial[j * C + c]),
-                 double(partial[(splits + j) * C + c]),
-                 double(partial[(2 * splits + j) * C + c]));
-    warp_welford(n, mean, m2);
-    if (lane == 0)
+    if (c < C)
+      for (int64_t j = ty; j < splits; j += kMergeRows)
+        chan_merge(n, mean, m2, double(partial[j * C + c]),
+                   double(partial[(splits + j) * C + c]),
+                   double(partial[(2 * splits + j) * C + c]));
+    sh[0][ty][tx] = n;
+    sh[1][ty][tx] = mean;
+    sh[2][ty][tx] = m2;
+    __syncthreads();
+    for (int half = kMergeRows / 2; half > 0; half /= 2) {
+      if (ty < half) {
+        chan_merge(n, mean, m2, sh[0][ty + half][tx], sh[1][ty + half][tx],
+                   sh[2][ty + half][tx]);
+        sh[0][ty][tx] = n;
+        sh[1][ty][tx] = mean;
+        sh[2][ty][tx] = m2;
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && c < C)
       write_packed(packed, C, c, double(partial[3 * splits * C + c]), mean,
                    m2);
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
+  if (blockIdx.x == 0 && tx == 0 && ty == 0) {
     packed[0] = weight;
     packed[1] = count;
   }
@@ -274,6 +296,14 @@ struct ChannelConsts {
     k = acc_t(weight != nullptr ? invstd[c] * double(weight[c]) : invstd[c]);
     b = bias != nullptr ? bias[c] : acc_t(0);
   }
+  // Row c of a channel table (channel_table_kernel): hi, lo, k, b.
+  __device__ __forceinline__ void load(const acc_t* row) {
+    const Pack<acc_t, 4> r = load_pack<4>(row);
+    hi = r.v[0];
+    lo = r.v[1];
+    k = r.v[2];
+    b = r.v[3];
+  }
   __device__ __forceinline__ acc_t centered(acc_t x) const {
     return (x - hi) - lo;
   }
@@ -292,6 +322,53 @@ struct AffineConsts : ChannelConsts<acc_t> {
     return scalar_t(relu ? (v > acc_t(0) ? v : acc_t(0)) : v);
   }
 };
+
+// The elementwise passes read their per-channel constants from a table of
+// C rows built once per pass by this kernel, in float64 and rounded once,
+// from mean / invstd (float64), weight / bias (param_t, converted here, or
+// null) and, for the grad input (kData), the reduced sums (sums_t) and the
+// scale: [hi, lo, k, b] a row, then [shift, k2, 0, 0] with kData. A thread
+// of a flat pass, whose successive vectors lie in different channels, then
+// loads one or two 16-byte rows per vector (two or four for float64)
+// instead of 5 to 7 dependent loads and a dozen float64 operations.
+template <bool kData>
+constexpr int table_width() {
+  return kData ? 8 : 4;
+}
+
+template <typename acc_t, typename param_t, typename sums_t, bool kData>
+__global__ void __launch_bounds__(kThreads)
+    channel_table_kernel(int64_t C, const double* __restrict__ mean,
+                         const double* __restrict__ invstd,
+                         const param_t* __restrict__ weight,
+                         const param_t* __restrict__ bias,
+                         const sums_t* __restrict__ sums,
+                         const double* __restrict__ scale,
+                         acc_t* __restrict__ table) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += stride) {
+    const double m = mean[c];
+    // Weight and bias as acc_t first, as the CPU kernels take them.
+    const double kd = weight != nullptr
+                          ? invstd[c] * double(acc_t(weight[c]))
+                          : invstd[c];
+    acc_t* row = table + c * table_width<kData>();
+    Pack<acc_t, 4> r;
+    r.v[0] = acc_t(m);
+    r.v[1] = acc_t(m - double(r.v[0]));
+    r.v[2] = acc_t(kd);
+    r.v[3] = bias != nullptr ? acc_t(bias[c]) : acc_t(0);
+    store_pack<4>(row, r);
+    if (kData) {
+      const double a = scale[0];
+      r.v[0] = acc_t(a * double(sums[c]));
+      r.v[1] = acc_t(-kd * a * invstd[c] * double(sums[C + c]));
+      r.v[2] = r.v[3] = acc_t(0);
+      store_pack<4>(row + 4, r);
+    }
+  }
+}
 
 // The two elementwise passes (output, grad input) share the walks below and
 // differ only in their Op: load(u, offset) fetches the u-th vector (of U in
@@ -395,15 +472,12 @@ __device__ __forceinline__ void rows_walk(Op& op, int64_t M, int64_t C) {
   }
 }
 
-// What both passes read besides their tensors: the input and the per-channel
-// vectors of the forward.
+// What both passes read besides their tensors: the input and the channel
+// table (channel_table_kernel).
 template <typename scalar_t, typename acc_t>
 struct PassInputs {
   const scalar_t* __restrict__ x;
-  const double* __restrict__ mean;
-  const double* __restrict__ invstd;
-  const acc_t* __restrict__ weight;
-  const acc_t* __restrict__ bias;
+  const acc_t* __restrict__ table;
   bool relu;
 };
 
@@ -416,12 +490,12 @@ struct OutputOp : PassInputs<scalar_t, acc_t> {
   Pack<scalar_t, V> xv[U];
 
   __device__ __forceinline__ void channel(int64_t c) {
-    k[0].load(c, this->mean, this->invstd, this->weight, this->bias);
+    k[0].load(this->table + c * table_width<false>());
   }
   __device__ __forceinline__ void channels(int64_t c0) {
 #pragma unroll
     for (int j = 0; j < K; ++j)
-      k[j].load(c0 + j, this->mean, this->invstd, this->weight, this->bias);
+      k[j].load(this->table + (c0 + j) * table_width<false>());
   }
   __device__ __forceinline__ void load(int u, int64_t i) {
     xv[u] = load_pack<V>(this->x + i);
@@ -447,26 +521,19 @@ __global__ void __launch_bounds__(kThreads)
     output_planar_kernel(const scalar_t* __restrict__ x,
                          scalar_t* __restrict__ y, int64_t numel, int64_t C,
                          int64_t S, FlatStep st,
-                         const double* __restrict__ mean,
-                         const double* __restrict__ invstd,
-                         const acc_t* __restrict__ weight,
-                         const acc_t* __restrict__ bias, bool relu) {
-  OutputOp<scalar_t, acc_t, V, kOutputUnroll, 1> op{
-      {x, mean, invstd, weight, bias, relu}, y};
+                         const acc_t* __restrict__ table, bool relu) {
+  OutputOp<scalar_t, acc_t, V, kOutputUnroll, 1> op{{x, table, relu}, y};
   flat_walk<V, kOutputUnroll>(op, numel, C, S, st);
 }
 
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     output_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                       int64_t M, int64_t C, const double* __restrict__ mean,
-                       const double* __restrict__ invstd,
-                       const acc_t* __restrict__ weight,
-                       const acc_t* __restrict__ bias, bool relu) {
+                       int64_t M, int64_t C, const acc_t* __restrict__ table,
+                       bool relu) {
   // Wide vectors hold V constant sets already: fewer rows in flight.
   constexpr int U = V >= 4 ? 2 : kOutputUnroll;
-  OutputOp<scalar_t, acc_t, V, U, V> op{{x, mean, invstd, weight, bias, relu},
-                                        y};
+  OutputOp<scalar_t, acc_t, V, U, V> op{{x, table, relu}, y};
   rows_walk<V, U>(op, M, C);
 }
 
@@ -670,22 +737,37 @@ __global__ void __launch_bounds__(kThreads, kMinReduceBlocks)
   }
 }
 
+// Sums the `splits` partial sums of each channel in float64 and applies
+// invstd. Block (kMergeLanes, kMergeRows), as stats_merge_kernel.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     reduce_merge_kernel(const acc_t* __restrict__ partial, int64_t splits,
                         int64_t C, const double* __restrict__ invstd,
                         acc_t* __restrict__ sums) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = (int64_t(gridDim.x) * kThreads) >> 5;
-  for (int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> 5; c < C;
-       c += warps) {
+  __shared__ double sh[2][kMergeRows][kMergeLanes];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int64_t c0 = int64_t(blockIdx.x) * kMergeLanes; c0 < C;
+       c0 += int64_t(gridDim.x) * kMergeLanes) {
+    const int64_t c = c0 + tx;
     double s1 = 0.0, s2 = 0.0;
-    for (int64_t j = lane; j < splits; j += 32) {
-      s1 += double(partial[j * C + c]);
-      s2 += double(partial[(splits + j) * C + c]);
+    if (c < C)
+      for (int64_t j = ty; j < splits; j += kMergeRows) {
+        s1 += double(partial[j * C + c]);
+        s2 += double(partial[(splits + j) * C + c]);
+      }
+    sh[0][ty][tx] = s1;
+    sh[1][ty][tx] = s2;
+    __syncthreads();
+    for (int half = kMergeRows / 2; half > 0; half /= 2) {
+      if (ty < half) {
+        s1 += sh[0][ty + half][tx];
+        s2 += sh[1][ty + half][tx];
+        sh[0][ty][tx] = s1;
+        sh[1][ty][tx] = s2;
+      }
+      __syncthreads();
     }
-    warp_sum2(s1, s2);
-    if (lane == 0) {
+    if (ty == 0 && c < C) {
       sums[c] = acc_t(s1);
       sums[C + c] = acc_t(s2 * invstd[c]);
     }
@@ -701,15 +783,12 @@ __global__ void __launch_bounds__(kThreads)
 template <typename acc_t>
 struct DataConsts : ChannelConsts<acc_t> {
   acc_t shift, k2;
-  __device__ __forceinline__ void load(int64_t c, int64_t C, double a,
-                                       const double* mean, const double* invstd,
-                                       const acc_t* weight, const acc_t* bias,
-                                       const acc_t* sums) {
-    ChannelConsts<acc_t>::load(c, mean, invstd, weight, bias);
-    const double kd =
-        weight != nullptr ? invstd[c] * double(weight[c]) : invstd[c];
-    shift = acc_t(a * double(sums[c]));
-    k2 = acc_t(-kd * a * invstd[c] * double(sums[C + c]));
+  // Row c of a kData channel table: hi, lo, k, b, shift, k2.
+  __device__ __forceinline__ void load(const acc_t* row) {
+    ChannelConsts<acc_t>::load(row);
+    const Pack<acc_t, 2> r = load_pack<2>(row + 4);
+    shift = r.v[0];
+    k2 = r.v[1];
   }
   template <typename scalar_t>
   __device__ __forceinline__ scalar_t apply(scalar_t dy, scalar_t x,
@@ -720,26 +799,21 @@ struct DataConsts : ChannelConsts<acc_t> {
   }
 };
 
-// Grad input, as an Op of the walks above; `a` is the scale read once from
-// device memory.
+// Grad input, as an Op of the walks above.
 template <typename scalar_t, typename acc_t, int V, int U, int K>
 struct DataOp : PassInputs<scalar_t, acc_t> {
   const scalar_t* __restrict__ dy;
   scalar_t* __restrict__ dx;
-  const acc_t* __restrict__ sums;
-  int64_t C;
-  double a;
   DataConsts<acc_t> k[K];
   Pack<scalar_t, V> gv[U], xv[U];
 
-  __device__ __forceinline__ void load_slot(int slot, int64_t c) {
-    k[slot].load(c, C, a, this->mean, this->invstd, this->weight, this->bias,
-                 sums);
+  __device__ __forceinline__ void channel(int64_t c) {
+    k[0].load(this->table + c * table_width<true>());
   }
-  __device__ __forceinline__ void channel(int64_t c) { load_slot(0, c); }
   __device__ __forceinline__ void channels(int64_t c0) {
 #pragma unroll
-    for (int j = 0; j < K; ++j) load_slot(j, c0 + j);
+    for (int j = 0; j < K; ++j)
+      k[j].load(this->table + (c0 + j) * table_width<true>());
   }
   __device__ __forceinline__ void load(int u, int64_t i) {
     gv[u] = load_pack<V>(dy + i);
@@ -761,14 +835,9 @@ __global__ void __launch_bounds__(kThreads)
     data_planar_kernel(const scalar_t* __restrict__ dy,
                        const scalar_t* __restrict__ x,
                        scalar_t* __restrict__ dx, int64_t numel, int64_t C,
-                       int64_t S, FlatStep st, const double* __restrict__ mean,
-                       const double* __restrict__ invstd,
-                       const acc_t* __restrict__ weight,
-                       const acc_t* __restrict__ bias,
-                       const acc_t* __restrict__ sums,
-                       const double* __restrict__ scale, bool relu) {
-  DataOp<scalar_t, acc_t, V, kDataUnroll, 1> op{
-      {x, mean, invstd, weight, bias, relu}, dy, dx, sums, C, scale[0]};
+                       int64_t S, FlatStep st, const acc_t* __restrict__ table,
+                       bool relu) {
+  DataOp<scalar_t, acc_t, V, kDataUnroll, 1> op{{x, table, relu}, dy, dx};
   flat_walk<V, kDataUnroll>(op, numel, C, S, st);
 }
 
@@ -776,17 +845,12 @@ template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     data_rows_kernel(const scalar_t* __restrict__ dy,
                      const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
-                     int64_t M, int64_t C, const double* __restrict__ mean,
-                     const double* __restrict__ invstd,
-                     const acc_t* __restrict__ weight,
-                     const acc_t* __restrict__ bias,
-                     const acc_t* __restrict__ sums,
-                     const double* __restrict__ scale, bool relu) {
+                     int64_t M, int64_t C, const acc_t* __restrict__ table,
+                     bool relu) {
   // V constant sets of 6 values already: one row in flight for 8-wide
   // vectors keeps the registers (and the resident blocks) where they were.
   constexpr int U = V >= 8 ? 1 : kDataUnroll;
-  DataOp<scalar_t, acc_t, V, U, V> op{
-      {x, mean, invstd, weight, bias, relu}, dy, dx, sums, C, scale[0]};
+  DataOp<scalar_t, acc_t, V, U, V> op{{x, table, relu}, dy, dx};
   rows_walk<V, U>(op, M, C);
 }
 

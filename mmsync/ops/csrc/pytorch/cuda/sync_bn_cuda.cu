@@ -246,16 +246,24 @@ struct RowsPlan {
   dim3 block() const { return dim3(unsigned(bx), unsigned(by)); }
 };
 
-RowsPlan shape_rows(const Geometry& g, int V) {
+// Channel vectors across a ROWS reduction block at most: one warp's (512
+// contiguous bytes a row), so that wide rows split into channel tiles, which
+// carry the parallelism, rather than into row splits, whose partials (one
+// per split and channel) would approach the input's size at large C and
+// small N*S (32x2048x7x7 float16: 196 splits of 256 vectors, 4.8 MB of
+// partials for 6.4 MB of input; with this, 8 tiles of 24 splits, 0.6 MB).
+constexpr int64_t kRowsReduceLanes = 32;
+
+RowsPlan shape_rows(const Geometry& g, int V, bool reduction) {
   RowsPlan p;
   const int64_t Cv = g.C / V;
-  if (Cv <= kThreads) {
+  const int64_t most = reduction ? kRowsReduceLanes : kThreads;
+  if (Cv <= most) {
     p.bx = int(Cv);
     p.tiles = 1;
   } else {
-    const int64_t tiles = ceil_div(Cv, kThreads);
-    p.bx = int(
-        std::min<int64_t>(kThreads, ceil_div(ceil_div(Cv, tiles), 32) * 32));
+    const int64_t tiles = ceil_div(Cv, most);
+    p.bx = int(std::min<int64_t>(most, ceil_div(ceil_div(Cv, tiles), 32) * 32));
     p.tiles = ceil_div(Cv, p.bx);
   }
   p.by = std::max(1, kThreads / p.bx);
@@ -285,7 +293,7 @@ void grid_rows(RowsPlan& p, const Geometry& g, int64_t wave, bool reduction) {
 // a reduction's grid (splits of the rows), or with 0 an elementwise pass's.
 template <typename Kernel>
 RowsPlan plan_rows(const Geometry& g, int V, Kernel* kernel, size_t state) {
-  RowsPlan p = shape_rows(g, V);
+  RowsPlan p = shape_rows(g, V, state > 0);
   const size_t smem = size_t(p.threads()) * state;
   grid_rows(p, g, wave_blocks(as_key(kernel), p.threads(), smem), state > 0);
   p.smem = smem;
@@ -312,6 +320,13 @@ FlatPlan plan_flat(const Geometry& g, int V, Kernel* kernel) {
   return p;
 }
 
+// The merge kernels' grid and block (cuda::kMergeLanes channels a block).
+unsigned merge_blocks(int64_t C) {
+  return unsigned(std::min<int64_t>(ceil_div(C, cuda::kMergeLanes), 65535));
+}
+
+dim3 merge_block() { return dim3(cuda::kMergeLanes, cuda::kMergeRows); }
+
 // A per-channel tensor as a contiguous acc_t vector, or null when absent.
 Tensor optional_vector(const c10::optional<Tensor>& t, const char* name,
                        const Tensor& input, at::ScalarType acc) {
@@ -320,9 +335,77 @@ Tensor optional_vector(const c10::optional<Tensor>& t, const char* name,
   return Tensor();
 }
 
+// A per-channel parameter checked and made contiguous in its own dtype
+// (the channel table converts it), or undefined when absent.
+Tensor param_vector(const c10::optional<Tensor>& t, const char* name,
+                    const Tensor& input) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  check_channel(*t, name, input);
+  return t->contiguous();
+}
+
 template <typename T>
 const T* ptr_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// The channel table of an elementwise pass (cuda::channel_table_kernel),
+// C rows of table_width<kData>() acc_t: weight and bias read in their own
+// dtype when they share one (no conversion pass for float16 parameters),
+// the sums as acc_t or float64 (a group's sums).
+template <typename acc_t, bool kData>
+Tensor channel_table(const Tensor& input, const Tensor& mean,
+                     const Tensor& invstd,
+                     const c10::optional<Tensor>& weight_,
+                     const c10::optional<Tensor>& bias_, const Tensor& sums_,
+                     const Tensor& scale) {
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t C = input.size(1);
+  Tensor weight = param_vector(weight_, "weight", input);
+  Tensor bias = param_vector(bias_, "bias", input);
+  if (weight.defined() && bias.defined() &&
+      weight.scalar_type() != bias.scalar_type()) {
+    weight = weight.to(acc);
+    bias = bias.to(acc);
+  }
+  const at::ScalarType param_type =
+      weight.defined() ? weight.scalar_type()
+                       : (bias.defined() ? bias.scalar_type() : acc);
+  Tensor sums;
+  if constexpr (kData)
+    sums = sums_.scalar_type() == at::kDouble ? sums_.contiguous()
+                                              : sums_.to(acc).contiguous();
+  Tensor table = at::empty({C * cuda::table_width<kData>()},
+                           input.options().dtype(acc));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned blocks =
+      unsigned(std::max<int64_t>(1, std::min<int64_t>(ceil_div(C, kThreads),
+                                                      1024)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, param_type, "sync_bn_channel_table", [&] {
+        using param_t = scalar_t;
+        const auto launch = [&](auto sums_ptr) {
+          using sums_t = std::remove_const_t<
+              std::remove_pointer_t<decltype(sums_ptr)>>;
+          cuda::channel_table_kernel<acc_t, param_t, sums_t, kData>
+              <<<blocks, kThreads, 0, stream>>>(
+                  C, mean.const_data_ptr<double>(),
+                  invstd.const_data_ptr<double>(), ptr_or_null<param_t>(weight),
+                  ptr_or_null<param_t>(bias), sums_ptr,
+                  kData ? scale.const_data_ptr<double>() : nullptr,
+                  table.data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if constexpr (!kData) {
+          launch(static_cast<const acc_t*>(nullptr));
+        } else if (std::is_same_v<acc_t, double> ||
+                   sums.scalar_type() != at::kDouble) {
+          launch(sums.const_data_ptr<acc_t>());
+        } else {
+          launch(sums.const_data_ptr<double>());
+        }
+      });
+  return table;
 }
 
 void check_cuda(const Tensor& t, const char* op) {
@@ -377,10 +460,10 @@ void launch_stats(const Tensor& input, const Geometry& g, double weight,
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   if (splits > 1) {
-    const int64_t blocks =
-        std::min<int64_t>(ceil_div(g.C, cuda::kWarps), 65535);
-    cuda::stats_merge_kernel<acc_t><<<unsigned(blocks), kThreads, 0, stream>>>(
-        partial.const_data_ptr<acc_t>(), splits, g.C, packed, weight, count);
+    cuda::stats_merge_kernel<acc_t>
+        <<<merge_blocks(g.C), merge_block(), 0, stream>>>(
+            partial.const_data_ptr<acc_t>(), splits, g.C, packed, weight,
+            count);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -486,11 +569,8 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
   const c10::cuda::CUDAGuard guard(input_.device());
   Tensor input;
   const Geometry g = kernel_input(input_, &input);
-  const auto acc = acc_type_of(input.scalar_type());
   const Tensor mean = channel_vector(mean_, "mean", input, at::kDouble);
   const Tensor invstd = channel_vector(invstd_, "invstd", input, at::kDouble);
-  const Tensor weight = optional_vector(weight_, "weight", input, acc);
-  const Tensor bias = optional_vector(bias_, "bias", input, acc);
   Tensor output = empty_same_layout(input);
   if (g.numel() == 0) return output;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -498,12 +578,11 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
       at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_output_cuda",
       [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const Tensor table = channel_table<acc_t, false>(
+            input, mean, invstd, weight_, bias_, Tensor(), Tensor());
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         scalar_t* y = output.data_ptr<scalar_t>();
-        const double* pm = mean.const_data_ptr<double>();
-        const double* pi = invstd.const_data_ptr<double>();
-        const acc_t* pw = ptr_or_null<acc_t>(weight);
-        const acc_t* pb = ptr_or_null<acc_t>(bias);
+        const acc_t* pt = table.const_data_ptr<acc_t>();
         dispatch_vec<scalar_t, false>(
             g, {x, y},
             [&](auto vc) {
@@ -512,7 +591,7 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
                   g, V, &cuda::output_planar_kernel<scalar_t, acc_t, V>);
               cuda::output_planar_kernel<scalar_t, acc_t, V>
                   <<<unsigned(p.blocks), kThreads, 0, stream>>>(
-                      x, y, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb, relu);
+                      x, y, g.numel(), g.C, g.S, p.step, pt, relu);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             },
             [&](auto vc) {
@@ -521,7 +600,7 @@ Tensor forward_output_cuda(const Tensor& input_, const Tensor& mean_,
                   g, V, &cuda::output_rows_kernel<scalar_t, acc_t, V>, 0);
               cuda::output_rows_kernel<scalar_t, acc_t, V>
                   <<<p.grid(), p.block(), 0, stream>>>(
-                      x, y, g.rows(), g.C, pm, pi, pw, pb, relu);
+                      x, y, g.rows(), g.C, pt, relu);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             });
       });
@@ -596,10 +675,8 @@ Tensor backward_reduce_cuda(const Tensor& grad_output_, const Tensor& input_,
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             });
         if (splits > 1) {
-          const int64_t blocks =
-              std::min<int64_t>(ceil_div(g.C, cuda::kWarps), 65535);
           cuda::reduce_merge_kernel<acc_t>
-              <<<unsigned(blocks), kThreads, 0, stream>>>(
+              <<<merge_blocks(g.C), merge_block(), 0, stream>>>(
                   partial.const_data_ptr<acc_t>(), splits, g.C, pi, out);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
@@ -630,12 +707,8 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
   TORCH_CHECK(
       sums_.device() == input.device() && scale_.device() == input.device(),
       "sync_bn_backward_data: sums and scale must be on ", input.device());
-  const auto acc = acc_type_of(input.scalar_type());
   const Tensor mean = channel_vector(mean_, "mean", input, at::kDouble);
   const Tensor invstd = channel_vector(invstd_, "invstd", input, at::kDouble);
-  const Tensor weight = optional_vector(weight_, "weight", input, acc);
-  const Tensor bias = optional_vector(bias_, "bias", input, acc);
-  const Tensor sums = sums_.to(acc).contiguous();
   const Tensor scale = scale_.to(at::kDouble).contiguous();
   Tensor grad_input = empty_same_layout(input);
   if (g.numel() == 0) return grad_input;
@@ -643,15 +716,12 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "sync_bn_data_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const Tensor table = channel_table<acc_t, true>(
+            input, mean, invstd, weight_, bias_, sums_, scale);
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
         scalar_t* dx = grad_input.data_ptr<scalar_t>();
-        const double* pm = mean.const_data_ptr<double>();
-        const double* pi = invstd.const_data_ptr<double>();
-        const acc_t* pw = ptr_or_null<acc_t>(weight);
-        const acc_t* pb = ptr_or_null<acc_t>(bias);
-        const acc_t* ps = sums.const_data_ptr<acc_t>();
-        const double* pa = scale.const_data_ptr<double>();
+        const acc_t* pt = table.const_data_ptr<acc_t>();
         dispatch_vec<scalar_t, false>(
             g, {x, dy, dx},
             [&](auto vc) {
@@ -660,8 +730,7 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
                   g, V, &cuda::data_planar_kernel<scalar_t, acc_t, V>);
               cuda::data_planar_kernel<scalar_t, acc_t, V>
                   <<<unsigned(p.blocks), kThreads, 0, stream>>>(
-                      dy, x, dx, g.numel(), g.C, g.S, p.step, pm, pi, pw, pb,
-                      ps, pa, relu);
+                      dy, x, dx, g.numel(), g.C, g.S, p.step, pt, relu);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             },
             [&](auto vc) {
@@ -670,7 +739,7 @@ Tensor backward_data_cuda(const Tensor& grad_output_, const Tensor& input_,
                   g, V, &cuda::data_rows_kernel<scalar_t, acc_t, V>, 0);
               cuda::data_rows_kernel<scalar_t, acc_t, V>
                   <<<p.grid(), p.block(), 0, stream>>>(
-                      dy, x, dx, g.rows(), g.C, pm, pi, pw, pb, ps, pa, relu);
+                      dy, x, dx, g.rows(), g.C, pt, relu);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             });
       });
