@@ -295,25 +295,32 @@ def gloo_terms(kind, nbytes, world):
 
 
 def fit(measured, cores):
-    """Fits t = base + hops * hop + bytes * per_byte by least squares on
-    the relative error, with one hop latency while the ranks fit on the
-    cores and another beyond, where a hop waits for the receiving process
-    to be scheduled among the W / cores that share its core (so it grows
-    with W / cores): the intra- and inter-node hops of the NCCL model.
-    Returns the parameters."""
+    """Fits t = base + hops * hop + bytes * per_byte to the measurements,
+    with one hop latency while the ranks fit on the cores and another
+    beyond (a hop then waits for the receiving process to be scheduled):
+    the intra- and inter-node hops of the NCCL model. Minimizes the largest
+    relative error (Lawson's reweighted least squares). Returns the
+    parameters."""
     import numpy as np
     rows, target = [], []
     for (world, kind, n), t in measured.items():
         hops, moved = gloo_terms(kind, 8 * n, world)
-        near = hops if world <= cores else 0
-        far = hops * world / cores if world > cores else 0
-        rows.append([1.0, near, far, moved])
+        rows.append([
+            1.0, hops if world <= cores else 0, hops if world > cores else 0,
+            moved
+        ])
         target.append(t)
-    a = np.array(rows)
-    t = np.array(target)
-    weights = 1.0 / t
-    params, *_ = np.linalg.lstsq(a * weights[:, None], t * weights, rcond=None)
-    params = np.maximum(params, 0.0)
+    a = np.array(rows) / np.array(target)[:, None]  # relative residuals
+    ones = np.ones(len(target))
+    weights = ones / len(target)
+    for _ in range(200):
+        root = np.sqrt(weights)
+        params, *_ = np.linalg.lstsq(
+            a * root[:, None], ones * root, rcond=None)
+        params = np.maximum(params, 0.0)
+        error = np.abs(a @ params - ones)
+        weights = weights * error + 1e-12
+        weights /= weights.sum()
     return dict(
         zip(('base_s', 'hop_s', 'oversubscribed_hop_s', 'byte_s'),
             params.tolist()))
@@ -321,8 +328,7 @@ def fit(measured, cores):
 
 def predict(params, world, kind, n, cores):
     hops, moved = gloo_terms(kind, 8 * n, world)
-    hop = (params['hop_s'] if world <= cores else
-           params['oversubscribed_hop_s'] * world / cores)
+    hop = params['hop_s'] if world <= cores else params['oversubscribed_hop_s']
     return params['base_s'] + hops * hop + moved * params['byte_s']
 
 
@@ -346,23 +352,37 @@ def main():
     parser.add_argument('--reps', type=int, default=40)
     parser.add_argument('--port', type=int, default=29611)
     parser.add_argument('--json', help='(--measure) write the numbers here')
+    parser.add_argument(
+        '--refit',
+        metavar='JSON',
+        help='fit and print the measurements of an earlier --json')
     args = parser.parse_args()
     model = NcclModel(ib_gbps=args.ib_gbps)
-    if not args.measure:
+    if not (args.measure or args.refit):
         print_model(model, args.worlds or WORLDS)
         if args.plot:
             plot(model, args.plot)
         return
-    worlds = args.worlds or [2, 4, 8, 12, 16]
-    sizes = sorted({n for C in args.channels for n in (3 * C + 2, 2 * C)})
-    cores = len(os.sched_getaffinity(0))
-    measured = measure(worlds, sizes, args.reps, args.port)
+    if args.refit:
+        with open(args.refit) as f:
+            saved = json.load(f)
+        cores = saved['cores']
+        measured = {
+            (r['world'], r['kind'], r['values']): r['measured_s']
+            for r in saved['rows']
+        }
+    else:
+        worlds = args.worlds or [2, 4, 8, 12, 16]
+        sizes = sorted({n for C in args.channels for n in (3 * C + 2, 2 * C)})
+        cores = len(os.sched_getaffinity(0))
+        measured = measure(worlds, sizes, args.reps, args.port)
     params = fit(measured, cores)
     print(f'gloo on {cores} cores, fitted: base {params["base_s"]*1e3:.3f} '
           f'ms, hop {params["hop_s"]*1e3:.3f} ms (ranks <= cores), '
-          f'{params["oversubscribed_hop_s"]*1e3:.3f} ms x W / cores (more '
-          f'ranks than cores), {1 / max(params["byte_s"], 1e-30) / 1e9:.2f} '
-          'GB/s')
+          f'{params["oversubscribed_hop_s"]*1e3:.3f} ms (more ranks than '
+          'cores), ' +
+          (f'{1e-9 / params["byte_s"]:.2f} GB/s' if params['byte_s'] >
+           0 else 'no bandwidth term'))
     print('| W | collective | values | measured | model | model / measured |')
     print('| --- | --- | --- | --- | --- | --- |')
     worst = 1.0
