@@ -3,8 +3,12 @@
 # the real mmcv-lite, mmpretrain and timm (requirements/ecosystem.txt) in a
 # venv; mmsync built with its CUDA kernels for sm_90 in a copy of the tree;
 # a check that every op has its CPU and CUDA kernel; then pytest there: the
-# CPU suite again plus the tests that need those packages. No GPU is needed
-# (the CUDA kernels are built, linked and registered, not run).
+# tests that need those packages and the layer's, registry's, engine's and
+# CUDA build's tests again on this torch (CUDA_ENV_TESTS; the launcher, fault
+# and soak tests of tests/test_tools, which drive torchrun and processes and
+# take half the suite's time, run in the main environment only: torchrun on
+# this torch is exercised by the mmpretrain and mim launcher tests). No GPU
+# is needed (the CUDA kernels are built, linked and registered, not run).
 #
 #   bash .ci/cuda_env.sh [pytest args]     (CUDA_VENV, CUDA_TREE to move them)
 set -euo pipefail
@@ -56,5 +60,10 @@ say "pytest in the CUDA-torch environment"
 cd "$TREE"
 # tools/dist_train.sh runs `python` and `torchrun`: this environment's.
 export PATH=$VENV/bin:$PATH
-"$PY" -m pytest tests -q "$@"
+TESTS=${CUDA_ENV_TESTS:-tests/test_ecosystem tests/test_ops tests/test_cnn \
+  tests/test_engine tests/test_utils tests/test_tools/test_checkpoints.py \
+  tests/test_tools/test_setup.py tests/test_tools/test_model.py \
+  tests/test_tools/test_benchmark_collectives.py}
+# shellcheck disable=SC2086
+"$PY" -m pytest $TESTS -q "$@"
 say "done"

@@ -70,10 +70,13 @@ class Case:
 
 
 class CollectiveCounter:
-    """Counts calls of torch.distributed's collectives while installed."""
+    """Counts calls of torch.distributed's collectives while installed, and
+    records each as (name, values): the size of its first tensor argument
+    (what an all_reduce sends, what a gather receives per rank)."""
 
     def __init__(self):
         self.count = 0
+        self.calls = []
         self._saved = {}
 
     def __enter__(self):
@@ -83,8 +86,9 @@ class CollectiveCounter:
                 continue
             self._saved[name] = original
 
-            def counted(*args, _original=original, **kwargs):
+            def counted(*args, _name=name, _original=original, **kwargs):
                 self.count += 1
+                self.calls.append((_name, _values(args)))
                 return _original(*args, **kwargs)
 
             setattr(dist, name, counted)
@@ -97,6 +101,22 @@ class CollectiveCounter:
     def take(self) -> int:
         count, self.count = self.count, 0
         return count
+
+    def take_calls(self) -> list:
+        """The (name, values) of the calls since the last take."""
+        calls, self.calls = self.calls, []
+        self.count = 0
+        return calls
+
+
+def _values(args) -> int:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.numel()
+        if isinstance(arg, (list, tuple)) and arg and isinstance(
+                arg[0], torch.Tensor):
+            return sum(t.numel() for t in arg)
+    return 0
 
 
 def _layout(x: torch.Tensor, case: Case) -> torch.Tensor:

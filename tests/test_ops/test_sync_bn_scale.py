@@ -10,7 +10,8 @@ What is checked, on every rank:
 - float64 output, grad_input, grad_weight, grad_bias and running statistics
   equal ``F.batch_norm`` (or mmcv's rank-weighted statistics for 'default')
   over the concatenated batch at offsets 0, 1e6 and 1e8 with empty ranks,
-  on the first and later steps, within 10 times the oracle's own error
+  on the first and later steps, within 10 times the oracle's own error, and
+  the running statistics bit for bit the same on every rank
   (as in test_sync_bn_offset: the oracle runs on the batch shifted by the
   offset, which is exact);
 - a layer loaded from a state_dict (a resume) and a process group created
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import free_port, join_group, run_distributed
-from sync_bn_cases import _weighted_reference
+from sync_bn_cases import CollectiveCounter, _weighted_reference
 
 from mmsync.ops import SyncBatchNorm, sync_bn_comm
 
@@ -37,50 +38,6 @@ SAMPLE = (3, 2)
 MOMENTUM = 0.1
 OFFSETS = (0.0, 1e6, 1e8)
 EPS = 2.0**-52
-# Collective functions and which tensor says how many values move per rank
-# (what a rank sends for a reduction, what it receives for a gather).
-_COUNTED = {
-    'all_reduce': 0,
-    'all_gather_single': 0,
-    'all_gather_into_tensor': 0,
-    'all_gather': 0,
-    'broadcast': 0,
-    'reduce_scatter_tensor': 1,
-}
-
-
-class ValueCounter:
-    """Records (collective, values per rank) of every call while installed."""
-
-    def __init__(self):
-        self.calls = []
-        self._saved = {}
-
-    def __enter__(self):
-        for name, arg in _COUNTED.items():
-            original = getattr(dist, name, None)
-            if original is None:
-                continue
-            self._saved[name] = original
-
-            def counted(*args, _name=name, _arg=arg, _orig=original, **kw):
-                tensor = args[_arg]
-                values = (
-                    sum(t.numel() for t in tensor) if isinstance(
-                        tensor, (list, tuple)) else tensor.numel())
-                self.calls.append((_name, values))
-                return _orig(*args, **kw)
-
-            setattr(dist, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(dist, name, original)
-
-    def take(self):
-        calls, self.calls = self.calls, []
-        return calls
 
 
 def _splits(world_size):
@@ -142,11 +99,11 @@ def _steps(layer, sizes, offset, stats_mode, steps, seed, counter, group_rank,
         ref = _oracle(x, dy, sizes, offset, stats_mode, weight, bias, running)
         own = _oracle(x, dy, sizes, 0.0, stats_mode, weight, bias, running)
         xr = xs[group_rank].clone().requires_grad_()
-        counter.take()
+        counter.take_calls()
         y = layer(xr)
-        forward = counter.take()
+        forward = counter.take_calls()
         y.backward(dys[group_rank])
-        backward = counter.take()
+        backward = counter.take_calls()
         size = len(sizes)
         got = (y.detach(), xr.grad, layer.weight.grad * size,
                layer.bias.grad * size, layer.running_mean, layer.running_var)
@@ -165,6 +122,7 @@ def _steps(layer, sizes, offset, stats_mode, steps, seed, counter, group_rank,
                 forward=forward,
                 backward=backward,
                 errors=errors,
+                running=torch.cat([layer.running_mean, layer.running_var]),
                 offset=offset,
                 mode=stats_mode,
                 what=what))
@@ -183,7 +141,7 @@ def _layer(group_size=None):
 def _scale_world(rank, world_size, port):
     sizes = _splits(world_size)
     results = []
-    with ValueCounter() as counter:
+    with CollectiveCounter() as counter:
         # The whole world, beyond the limit: both modes, three offsets.
         for seed, (mode, offset) in enumerate(
             (m, o) for m in ('N', 'default') for o in OFFSETS):
@@ -250,6 +208,12 @@ def test_beyond_gather_limit(world_size):
         False: _modeled_calls(world_size, world_size),
         True: _modeled_calls(world_size, world_size // 2)
     }
+    # The reduced bytes are the same on every rank: so are the statistics.
+    for i, s in enumerate(results[0]):
+        if s['what'] not in ('gathered', 'sub-group'):
+            assert all(
+                torch.equal(r[i]['running'], s['running'])
+                for r in results), (s['what'], s['step'])
     for rank, steps in enumerate(results):
         for s in steps:
             where = (f"rank {rank} {s['what']} mode={s['mode']} "
