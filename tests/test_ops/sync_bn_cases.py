@@ -99,7 +99,9 @@ class CollectiveCounter:
             setattr(dist, name, original)
 
     def take(self) -> int:
+        """The number of calls since the last take."""
         count, self.count = self.count, 0
+        self.calls = []
         return count
 
     def take_calls(self) -> list:
