@@ -1,7 +1,8 @@
 """Synchronized batch normalization: ``SyncBatchNorm``, registered 'MMSyncBN'.
 
-A training step runs five compiled ops (``torch.ops.mmsync.*``) and exactly
-two collectives of O(C) buffers (in ``sync_bn_comm``):
+A training step runs five compiled ops (``torch.ops.mmsync.*``) and two
+collectives of O(C) buffers (in ``sync_bn_comm``; three on a step where the
+all_reduced statistics of a group beyond 8 ranks are summed again):
 
 forward:  stats (one pass: count, mean, M2) -> all_gather of the ranks'
           rows (float64, R x (3C+2)) -> finalize (O(R*C): Chan's merge in
