@@ -244,18 +244,18 @@ def _worker(rank, world, port, sizes, reps, results):
         timeout=datetime.timedelta(seconds=300))
     gather = getattr(dist, 'all_gather_single',
                      getattr(dist, 'all_gather_into_tensor', None))
-    calls = {}
+    ops = {}
     for n in sizes:
         src = torch.randn(n, dtype=torch.float64)
         out = torch.empty(world * n, dtype=torch.float64)
-        calls['all_gather', n] = lambda s=src, o=out: gather(o, s)
-        calls['all_reduce', n] = lambda s=src: dist.all_reduce(s)
-    times = {k: [] for k in calls}
+        ops['all_gather', n] = lambda s=src, o=out: gather(o, s)
+        ops['all_reduce', n] = lambda s=src: dist.all_reduce(s)
+    times = {k: [] for k in ops}
     for i in range(reps):
-        for key in sorted(calls, reverse=bool(i % 2)):
+        for key in sorted(ops, reverse=bool(i % 2)):
             dist.barrier()
             start = time.perf_counter()
-            calls[key]()
+            ops[key]()
             times[key].append(time.perf_counter() - start)
     if rank == 0:
         skip = reps // 5  # warm-up

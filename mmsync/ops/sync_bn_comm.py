@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .sync_bn_recompute import tracing
+
 STATS_MODES = ('default', 'N')
 
 CHECK_ENV = 'MMSYNC_CHECK_SYNC'
@@ -79,7 +81,7 @@ class StatsShift:
     bytes. ``None`` (0) before the first forward and for a new process
     group, which every rank of that group starts from alike."""
 
-    __slots__ = ('value', 'group', '__weakref__')
+    __slots__ = ('value', 'group')
 
     def __init__(self):
         self.value = None
@@ -106,20 +108,11 @@ def stats_shift(module: torch.nn.Module,
     return shift
 
 
-def shift_of(module: torch.nn.Module) -> Optional[torch.Tensor]:
-    """The shift ``module``'s next all_reduced forward starts from (None:
-    zero), for tests and debugging."""
-    shift = _shifts.get(module)
-    return None if shift is None else shift.value
-
-
 def _static() -> bool:
     """Whether no host decision may depend on tensor values: under
-    torch.compile, TorchScript tracing or a CUDA graph capture."""
-    compiler = getattr(torch, 'compiler', None)
-    if compiler is not None and compiler.is_compiling():
-        return True
-    if torch.jit.is_tracing():
+    torch.compile, tracing or export (where no record is kept either) or a
+    CUDA graph capture."""
+    if tracing():
         return True
     return (torch.cuda.is_available()
             and torch.cuda.is_current_stream_capturing())
@@ -225,13 +218,9 @@ def group_sum(tensor: torch.Tensor, group, group_size: int,
     """The sum of ``tensor`` over the group, in one collective, identical
     on every rank: an all_gather and a sum in rank order up to
     ``GATHER_MAX_RANKS`` ranks, an all_reduce beyond."""
-    try:
-        if group_size <= GATHER_MAX_RANKS:
-            return _gather(tensor, group, group_size).sum(0)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        return tensor
-    except RuntimeError as e:
-        raise _failed(what, group, e) from e
+    if group_size <= GATHER_MAX_RANKS:
+        return gather_rows(tensor, group, group_size, what).sum(0)
+    return _all_reduce(tensor, group, what)
 
 
 _CHECK_FIELDS = ('phase', 'layer', 'call', 'channels', 'dtype', 'stats_mode',

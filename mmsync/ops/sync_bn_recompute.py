@@ -62,7 +62,8 @@ _records: 'weakref.WeakKeyDictionary[torch.nn.Module, List[StatsRecord]]' = (
     weakref.WeakKeyDictionary())
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
+    """Whether this forward is being compiled, traced or exported."""
     compiler = getattr(torch, 'compiler', None)
     if compiler is not None and compiler.is_compiling():
         return True
@@ -88,7 +89,7 @@ def find_record(module: torch.nn.Module, input: torch.Tensor):
         recompute of (None when it is a new forward), and the list to which
         a new forward appends its record (None when none is kept).
     """
-    if _tracing():
+    if tracing():
         return None, None
     count = input.numel() // input.size(1) if input.size(1) else 0
     records = _records.get(module)

@@ -75,7 +75,6 @@ class CollectiveCounter:
     (what an all_reduce sends, what a gather receives per rank)."""
 
     def __init__(self):
-        self.count = 0
         self.calls = []
         self._saved = {}
 
@@ -87,7 +86,6 @@ class CollectiveCounter:
             self._saved[name] = original
 
             def counted(*args, _name=name, _original=original, **kwargs):
-                self.count += 1
                 self.calls.append((_name, _values(args)))
                 return _original(*args, **kwargs)
 
@@ -98,16 +96,18 @@ class CollectiveCounter:
         for name, original in self._saved.items():
             setattr(dist, name, original)
 
+    @property
+    def count(self) -> int:
+        """The number of calls since the last take."""
+        return len(self.calls)
+
     def take(self) -> int:
         """The number of calls since the last take."""
-        count, self.count = self.count, 0
-        self.calls = []
-        return count
+        return len(self.take_calls())
 
     def take_calls(self) -> list:
         """The (name, values) of the calls since the last take."""
         calls, self.calls = self.calls, []
-        self.count = 0
         return calls
 
 

@@ -21,15 +21,13 @@ What is checked, on every rank:
 - what the ranks send is what tools/benchmark_collectives.py's cost model
   counts for mmsync.
 """
-import importlib.util
-import os.path as osp
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import free_port, join_group, run_distributed
 from sync_bn_cases import CollectiveCounter, _weighted_reference
+from tool_utils import load_tool
 
 from mmsync.ops import SyncBatchNorm, sync_bn_comm
 
@@ -177,16 +175,10 @@ def _scale_world(rank, world_size, port):
     return results
 
 
-def _modeled_calls(world_size, group_size):
+def _modeled_calls(group_size):
     """What tools/benchmark_collectives.py's cost model says mmsync sends
     per layer and step: (kind, bytes each rank contributes)."""
-    path = osp.join(
-        osp.dirname(__file__), '..', '..', 'tools', 'benchmark_collectives.py')
-    spec = importlib.util.spec_from_file_location('benchmark_collectives',
-                                                  path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.calls('mmsync', C, group_size)
+    return load_tool('benchmark_collectives').calls('mmsync', C, group_size)
 
 
 def _as_sent(calls, group_size):
@@ -205,8 +197,8 @@ def test_beyond_gather_limit(world_size):
         _scale_world, world_size, free_port(), timeout=600, pg_timeout=120)
     limit = 4 * C + 16
     modeled = {
-        False: _modeled_calls(world_size, world_size),
-        True: _modeled_calls(world_size, world_size // 2)
+        False: _modeled_calls(world_size),
+        True: _modeled_calls(world_size // 2)
     }
     # The reduced bytes are the same on every rank: so are the statistics.
     for i, s in enumerate(results[0]):

@@ -2,22 +2,13 @@
 it says each implementation sends, and the comparison the docs draw from
 it. (That mmsync sends what the model says is checked against the real
 collectives in tests/test_ops/test_sync_bn_scale.py.)"""
-import importlib.util
-import os.path as osp
-
 import pytest
-
-TOOL = osp.join(
-    osp.dirname(__file__), '..', '..', 'tools', 'benchmark_collectives.py')
+from tool_utils import load_tool
 
 
 @pytest.fixture(scope='module')
 def tool():
-    spec = importlib.util.spec_from_file_location('benchmark_collectives',
-                                                  TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('benchmark_collectives')
 
 
 def test_layers(tool):
