@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything CI checks, on a fresh machine: set-up from the repository's own
-# files, style (yapf, isort), a compile-only pass over the CUDA sources, the
+# files (with mmcv's full build, mmseg and mmdet), style (yapf, isort), a compile-only pass over the CUDA sources, the
 # test suite, and (where nvcc exists) the second environment of
 # .ci/cuda_env.sh: torch's CUDA build with mmcv-lite, mmpretrain, timm and
 # torchvision, mmsync built with its CUDA kernels, the suite again there;
@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash tools/setup_env.sh
+# mmcv's full build, mmseg and mmdet in the main environment (their tests).
+bash tools/setup_downstream.sh
 # A real single-node Slurm for the launcher test (root with apt only; the
 # test skips visibly where srun is missing).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null &&

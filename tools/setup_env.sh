@@ -12,5 +12,10 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q -U 'pip>=24'
 "$PY" -m pip install -q -r requirements/tests.txt -r requirements/build.txt \
     -r requirements/runtime.txt
+# mmcv-lite unless mmcv's full build (tools/setup_downstream.sh) is there:
+# both are the package `mmcv`, and one installed over the other breaks both.
+if ! "$PY" -m pip show -q mmcv >/dev/null 2>&1; then
+  "$PY" -m pip install -q -r requirements/mmcv-lite.txt
+fi
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q -e . --no-build-isolation
 "$PY" -c 'import mmsync, torch; print("mmsync", mmsync.__version__, "with torch", torch.__version__)'
