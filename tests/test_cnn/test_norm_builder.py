@@ -82,7 +82,7 @@ class TestNormRegistry:
                              text=True,
                              timeout=60)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == 'bn'
+        assert out.stdout.splitlines()[-1] == 'bn'
 
 
 class TestBuildNormLayer:
