@@ -17,12 +17,11 @@ import glob
 import importlib
 import importlib.util
 import inspect
-import logging
 import os.path as osp
+import warnings
 from typing import Dict, List, Tuple, Type, Union
 
 import torch.nn as nn
-from mmengine.logging import print_log
 from mmengine.registry import MODELS as ROOT_MODELS
 from mmengine.utils.dl_utils.parrots_wrapper import \
     SyncBatchNorm as MMEngineSyncBatchNorm
@@ -67,11 +66,10 @@ def _import_mmcv_sync_bn() -> None:
     try:
         importlib.import_module('mmcv.ops.sync_bn')
     except Exception as e:  # a broken mmcv.ops must not break mmsync
-        print_log(
+        warnings.warn(
             f'mmsync: mmcv.ops.sync_bn is installed but cannot be imported '
             f'({type(e).__name__}: {e}); mmsync registers MMSyncBN anyway',
-            logger='current',
-            level=logging.WARNING)
+            stacklevel=2)
 
 
 def register_root_name(name: str = 'MMSyncBN',
@@ -90,13 +88,16 @@ def register_root_name(name: str = 'MMSyncBN',
     if current is module:
         return
     if current is not None:
-        print_log(
+        # A Python warning, not mmengine's print_log: this runs at import,
+        # and print_log would create mmengine's logger then, whose device
+        # lookup fails where CUDA_VISIBLE_DEVICES lists fewer devices than
+        # LOCAL_RANK (one GPU per task under Slurm).
+        warnings.warn(
             f'mmsync: {name!r} in mmengine\'s root MODELS registry was '
             f'{current.__module__}.{current.__qualname__}; it is now '
             f'{module.__module__}.{module.__qualname__} (mmsync is the '
             f'drop-in; use "mmsync.{name}" to be explicit)',
-            logger='current',
-            level=logging.WARNING)
+            stacklevel=2)
     ROOT_MODELS.register_module(name=name, module=module, force=True)
 
 
