@@ -44,6 +44,7 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
 from ..cnn import convert_sync_batchnorm
+from ..ops import SyncBatchNorm
 from ..registry import RUNNERS
 from .checkpoint import (ATOMIC_BACKEND, checkpoint_loading,
                          find_resume_checkpoint, load_checkpoint_file)
@@ -229,6 +230,21 @@ class MMSyncRunner(Runner):
 
     def wrap_model(self, model_wrapper_cfg: Optional[Dict],
                    model: nn.Module) -> nn.Module:
+        """Wrap as mmengine does (on CPU without ``device_ids``), converting
+        for ``sync_bn='mmsync'`` first; log how many norm layers are
+        mmsync's, so a run shows which layer its config reached."""
+        wrapped = self._wrap_model(model_wrapper_cfg, model)
+        norms = [
+            m for m in wrapped.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        synced = sum(isinstance(m, SyncBatchNorm) for m in norms)
+        self.logger.info(f'batch norm layers: {synced} of {len(norms)} are '
+                         f'mmsync.ops.SyncBatchNorm (MMSyncBN)')
+        return wrapped
+
+    def _wrap_model(self, model_wrapper_cfg: Optional[Dict],
+                    model: nn.Module) -> nn.Module:
         if (model_wrapper_cfg is None and self.distributed
                 and not torch.cuda.is_available()):
             model_wrapper_cfg = dict(
