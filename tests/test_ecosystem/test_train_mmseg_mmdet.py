@@ -9,8 +9,8 @@ runtimes (default scope, NCCL in their dist_cfg), datasets (BaseSegDataset,
 CocoDataset), metrics (IoUMetric, CocoMetric) and mmcv's full build (its
 nms), with mmsync reached by the config's three lines alone. The metric
 after the short run must pass a floor that only learning reaches (an
-untrained model scores mIoU 8.6, the all-background prediction, and bbox
-mAP 0.0). Needs mmcv's full build, mmseg and mmdet (the main CI environment,
+all-background prediction scores mIoU 8.5, and an untrained detector a bbox
+mAP near 0). Needs mmcv's full build, mmseg and mmdet (the main CI environment,
 tools/setup_downstream.sh).
 """
 import os.path as osp
@@ -86,7 +86,7 @@ def test_mmseg_train_py_learns_segmentation(canvas, tmp_path):
     assert len(miou) == 1, records[-3:]
     # 500 steps of 2 x 8 canvases, the learning rate decayed over them:
     # measured 29.0 (the config's 1000 steps: 54.3, docs/training.md); an
-    # untrained model, all background: 8.6.
+    # all-background prediction: 8.5.
     assert miou[-1] >= 20.0, miou
     assert osp.isfile(tmp_path / 'work' / f'iter_{iters}.pth')
 
@@ -102,6 +102,7 @@ def test_mmdet_train_py_learns_detection(canvas, tmp_path):
     maps = [r['coco/bbox_mAP'] for r in records if 'coco/bbox_mAP' in r]
     assert len(maps) == 1, records[-3:]
     # 300 steps of 2 x 8 canvases: measured 0.427 (the config's 2000 steps:
-    # 0.528, docs/training.md); an untrained model: 0.0.
+    # 0.528, docs/training.md); the floor leaves room for machine-to-machine
+    # differences.
     assert maps[-1] >= 0.2, maps
     assert osp.isfile(tmp_path / 'work' / f'iter_{iters}.pth')
