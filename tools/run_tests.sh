@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything CI checks, on a fresh machine: set-up from the repository's own
-# files (with mmcv's full build, mmseg and mmdet), style (yapf, isort), a compile-only pass over the CUDA sources, the
-# test suite, and (where nvcc exists) the second environment of
+# files (tools/setup_env.sh, then tools/setup_downstream.sh: mmcv's full
+# build, mmseg and mmdet), style (yapf, isort), a compile-only pass over the
+# CUDA sources, the test suite, and (where nvcc exists) the second environment of
 # .ci/cuda_env.sh: torch's CUDA build with mmcv-lite, mmpretrain, timm and
 # torchvision, mmsync built with its CUDA kernels, the suite again there;
 # then the rehearsal of tools/gpu_check.sh. Extra arguments go to pytest.
