@@ -117,7 +117,7 @@ class TestTakeOver:
         try:
             ROOT_MODELS.register_module(
                 name='MMSyncBN', module=OtherMMSyncBN, force=True)
-            with mock.patch.object(norm_module.warnings, 'warn') as log:
+            with mock.patch.object(norm_module, '_say') as log:
                 norm_module.register_root_name()
                 norm_module.register_root_name()
             assert ROOT_MODELS.get('MMSyncBN') is SyncBatchNorm

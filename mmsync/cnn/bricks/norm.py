@@ -18,10 +18,11 @@ import importlib
 import importlib.util
 import inspect
 import os.path as osp
-import warnings
+import logging
 from typing import Dict, List, Tuple, Type, Union
 
 import torch.nn as nn
+from mmengine.logging import MMLogger, print_log
 from mmengine.registry import MODELS as ROOT_MODELS
 from mmengine.utils.dl_utils.parrots_wrapper import \
     SyncBatchNorm as MMEngineSyncBatchNorm
@@ -66,10 +67,23 @@ def _import_mmcv_sync_bn() -> None:
     try:
         importlib.import_module('mmcv.ops.sync_bn')
     except Exception as e:  # a broken mmcv.ops must not break mmsync
-        warnings.warn(
-            f'mmsync: mmcv.ops.sync_bn is installed but cannot be imported '
-            f'({type(e).__name__}: {e}); mmsync registers MMSyncBN anyway',
-            stacklevel=2)
+        _say(f'mmsync: mmcv.ops.sync_bn is installed but cannot be imported '
+             f'({type(e).__name__}: {e}); mmsync registers MMSyncBN anyway')
+
+
+def _say(message: str) -> None:
+    """A warning at import time: through mmengine's current logger where one
+    exists, else printed on stdout.
+
+    Not a new mmengine logger: its device lookup fails at import where torch
+    sees a GPU and CUDA_VISIBLE_DEVICES lists fewer devices than LOCAL_RANK
+    (one GPU per task under Slurm). Not stderr: there mmsync's tools keep
+    one line per failing process.
+    """
+    if getattr(MMLogger, '_instance_dict', None):
+        print_log(message, logger='current', level=logging.WARNING)
+    else:
+        print(message, flush=True)
 
 
 def register_root_name(name: str = 'MMSyncBN',
@@ -88,16 +102,10 @@ def register_root_name(name: str = 'MMSyncBN',
     if current is module:
         return
     if current is not None:
-        # A Python warning, not mmengine's print_log: this runs at import,
-        # and print_log would create mmengine's logger then, whose device
-        # lookup fails where CUDA_VISIBLE_DEVICES lists fewer devices than
-        # LOCAL_RANK (one GPU per task under Slurm).
-        warnings.warn(
-            f'mmsync: {name!r} in mmengine\'s root MODELS registry was '
-            f'{current.__module__}.{current.__qualname__}; it is now '
-            f'{module.__module__}.{module.__qualname__} (mmsync is the '
-            f'drop-in; use "mmsync.{name}" to be explicit)',
-            stacklevel=2)
+        _say(f'mmsync: {name!r} in mmengine\'s root MODELS registry was '
+             f'{current.__module__}.{current.__qualname__}; it is now '
+             f'{module.__module__}.{module.__qualname__} (mmsync is the '
+             f'drop-in; use "mmsync.{name}" to be explicit)')
     ROOT_MODELS.register_module(name=name, module=module, force=True)
 
 
