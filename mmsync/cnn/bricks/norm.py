@@ -17,8 +17,8 @@ import glob
 import importlib
 import importlib.util
 import inspect
-import os.path as osp
 import logging
+import os.path as osp
 from typing import Dict, List, Tuple, Type, Union
 
 import torch.nn as nn
