@@ -55,7 +55,7 @@ say "built"
 # The tree as a distribution on the path (mmsync.egg-info), as an install
 # makes it: `mim train mmsync` finds the package, and its .mim, through it.
 (cd "$TREE" && "$PY" setup.py -q egg_info >>"$TREE/build_cuda.log" 2>&1)
-(cd "$TREE" && PYTHONPATH=$TREE "$PY" tools/gpu_check.py registered)
+(cd "$TREE" && PYTHONPATH=$TREE "$PY" tools/gpu_check/gpu_check.py registered)
 say "pytest in the CUDA-torch environment"
 cd "$TREE"
 # tools/dist_train.sh runs `python` and `torchrun`: this environment's.

@@ -5,12 +5,13 @@ import functools
 import importlib.util
 import os.path as osp
 
-TOOLS = osp.join(osp.dirname(osp.abspath(__file__)), '..', 'tools')
+TOOLS = osp.join(osp.dirname(osp.abspath(__file__)), '..', 'tools',
+                 'analysis_tools')
 
 
 @functools.lru_cache(maxsize=None)
 def load_tool(name: str):
-    """tools/<name>.py as a module, loaded once."""
+    """tools/analysis_tools/<name>.py as a module, loaded once."""
     spec = importlib.util.spec_from_file_location(
         name, osp.join(TOOLS, f'{name}.py'))
     module = importlib.util.module_from_spec(spec)

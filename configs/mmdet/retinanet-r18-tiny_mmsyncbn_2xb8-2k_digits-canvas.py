@@ -8,7 +8,7 @@
 #   python tools/misc/digits_on_canvas.py data/digits_canvas
 #   MMDET=$(python -c 'import mmdet, os; print(os.path.dirname(mmdet.__file__))')
 #   torchrun --nproc_per_node 2 $MMDET/.mim/tools/train.py configs/mmdet/retinanet-r18-tiny_mmsyncbn_2xb8-2k_digits-canvas.py --launcher pytorch  # noqa: E501
-# Needs mmcv's full build (its nms), mmdet 3.3 (tools/setup_downstream.sh).
+# Needs mmcv's full build (its nms), mmdet 3.3 (tools/setup/setup_downstream.sh).
 _base_ = ['mmdet::_base_/default_runtime.py']
 custom_imports = dict(imports=['mmsync'], allow_failed_imports=False)
 runner_type = 'MMSyncRunner'

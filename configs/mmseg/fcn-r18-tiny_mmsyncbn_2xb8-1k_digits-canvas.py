@@ -8,7 +8,7 @@
 #   python tools/misc/digits_on_canvas.py data/digits_canvas
 #   MMSEG=$(python -c 'import mmseg, os; print(os.path.dirname(mmseg.__file__))')
 #   torchrun --nproc_per_node 2 $MMSEG/.mim/tools/train.py configs/mmseg/fcn-r18-tiny_mmsyncbn_2xb8-1k_digits-canvas.py --launcher pytorch  # noqa: E501
-# Needs mmcv's full build, mmseg 1.2 (tools/setup_downstream.sh).
+# Needs mmcv's full build, mmseg 1.2 (tools/setup/setup_downstream.sh).
 _base_ = ['mmseg::_base_/default_runtime.py']
 custom_imports = dict(imports=['mmsync'], allow_failed_imports=False)
 runner_type = 'MMSyncRunner'

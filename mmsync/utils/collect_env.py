@@ -117,7 +117,7 @@ def collect_env() -> Dict[str, str]:
     env['mmsync'] = f'{mmsync.__version__} ({osp.dirname(mmsync.__file__)})'
     path = ext_path()
     if path is None:
-        env['mmsync._ext'] = 'not built: run tools/setup_env.sh'
+        env['mmsync._ext'] = 'not built: run tools/setup/setup_env.sh'
         return env
     env['mmsync._ext'] = path
     with open(path, 'rb') as f:

@@ -1,7 +1,7 @@
 """mmsync beside mmcv's full build, which registers its own 'MMSyncBN'.
 
 With the real mmcv 2.1.0 full build (``mmcv.ops``, ``mmcv._ext``; see
-tools/setup_downstream.sh), mmseg 1.2.2 and mmdet 3.3.0: in every order a
+tools/setup/setup_downstream.sh), mmseg 1.2.2 and mmdet 3.3.0: in every order a
 user's program or launcher can import them (mmsync first, ``mmcv.ops``
 first, a config's ``custom_imports`` before or after ``register_all_modules``
 of mmseg and mmdet), a bare ``'MMSyncBN'`` ends as mmsync's layer, mmcv's
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 pytest.importorskip(
-    'mmcv.ops', reason="needs mmcv's full build (tools/setup_downstream.sh)")
+    'mmcv.ops', reason="needs mmcv's full build (tools/setup/setup_downstream.sh)")
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 WARNING = ("'MMSyncBN' in mmengine's root MODELS registry was "

@@ -11,7 +11,7 @@ nms), with mmsync reached by the config's three lines alone. The metric
 after the short run must pass a floor that only learning reaches (an
 all-background prediction scores mIoU 8.5, and an untrained detector a bbox
 mAP near 0). Needs mmcv's full build, mmseg and mmdet (the main CI environment,
-tools/setup_downstream.sh).
+tools/setup/setup_downstream.sh).
 """
 import os.path as osp
 import re
@@ -49,7 +49,7 @@ def train(package: str, config: str, work_dir, data_root: str, iters: int,
     module = pytest.importorskip(
         f'{package}.models',
         reason=f"needs mmcv's full build and {package} "
-        '(tools/setup_downstream.sh)')
+        '(tools/setup/setup_downstream.sh)')
     tools = osp.join(
         osp.dirname(osp.dirname(osp.abspath(module.__file__))), '.mim',
         'tools')

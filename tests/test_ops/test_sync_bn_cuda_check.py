@@ -1,4 +1,4 @@
-"""The bookkeeping of the GPU check (``tools/gpu_check.py``), which runs here
+"""The bookkeeping of the GPU check (``tools/gpu_check/gpu_check.py``), which runs here
 without a GPU: statuses read from the steps' exit codes and logs (a refused
 sanitizer is "unavailable", a step that did not run is never "pass"), what
 a follow-up call still runs, the plan's sums and the per-test plugin."""
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-sys.path.insert(0, osp.join(REPO, 'tools'))
+sys.path.insert(0, osp.join(REPO, 'tools', 'gpu_check'))
 try:
     import gpu_check
 finally:
@@ -154,7 +154,7 @@ def test_plugin_writes_each_result_as_it_ends(tmp_path):
     results = tmp_path / 'tests.tsv'
     env = dict(os.environ, GPU_CHECK_TESTS=str(results))
     env['PYTHONPATH'] = os.pathsep.join(
-        [osp.join(REPO, 'tools'),
+        [osp.join(REPO, 'tools', 'gpu_check'),
          env.get('PYTHONPATH', '')])
     subprocess.run([
         sys.executable, '-m', 'pytest', '-q', '-p', 'gpu_check', '-p',
@@ -181,7 +181,7 @@ def test_nothing_left_prints_nothing(tmp_path, cmd):
     state = _state(tmp_path, rows)
     done = subprocess.run(
         [sys.executable,
-         osp.join(REPO, 'tools', 'gpu_check.py'), cmd, state],
+         osp.join(REPO, 'tools', 'gpu_check', 'gpu_check.py'), cmd, state],
         capture_output=True,
         text=True,
         check=True)

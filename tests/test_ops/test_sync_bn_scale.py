@@ -18,7 +18,7 @@ What is checked, on every rank:
   again start from a zero shift and stay exact;
 - sub-groups on both sides of the limit: half the world gathers (8 or 6
   ranks), and all_reduces with the limit moved to 4;
-- what the ranks send is what tools/benchmark_collectives.py's cost model
+- what the ranks send is what tools/analysis_tools/benchmark_collectives.py's cost model
   counts for mmsync.
 """
 import pytest
@@ -176,7 +176,7 @@ def _scale_world(rank, world_size, port):
 
 
 def _modeled_calls(group_size):
-    """What tools/benchmark_collectives.py's cost model says mmsync sends
+    """What tools/analysis_tools/benchmark_collectives.py's cost model says mmsync sends
     per layer and step: (kind, bytes each rank contributes)."""
     return load_tool('benchmark_collectives').calls('mmsync', C, group_size)
 

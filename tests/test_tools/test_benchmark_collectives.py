@@ -1,4 +1,4 @@
-"""The cost model of tools/benchmark_collectives.py: its layer lists, what
+"""The cost model of tools/analysis_tools/benchmark_collectives.py: its layer lists, what
 it says each implementation sends, and the comparison the docs draw from
 it. (That mmsync sends what the model says is checked against the real
 collectives in tests/test_ops/test_sync_bn_scale.py.)"""

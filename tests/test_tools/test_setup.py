@@ -49,7 +49,7 @@ def test_build_py_has_no_warnings_about_the_sources(tmp_path):
 def test_mim_folder_is_in_the_package():
     """mmsync/.mim links to configs/ and tools/, so the package imported
     from the checkout (PYTHONPATH, or the editable install of
-    tools/setup_env.sh) has what `mim train mmsync` runs."""
+    tools/setup/setup_env.sh) has what `mim train mmsync` runs."""
     import mmsync
     mim = osp.join(osp.dirname(mmsync.__file__), '.mim')
     assert osp.realpath(osp.join(mim, 'tools')) == osp.join(REPO, 'tools')
@@ -60,7 +60,7 @@ def test_mim_folder_is_in_the_package():
 
 
 def test_compiled_objects_are_up_to_date():
-    """After tools/setup_env.sh (pip install -e .) or setup.py build_ext
+    """After tools/setup/setup_env.sh (pip install -e .) or setup.py build_ext
     --inplace, build/temp holds ninja's state: nothing left to rebuild."""
     build = osp.join(REPO, 'build', 'temp')
     ninja = shutil.which('ninja')

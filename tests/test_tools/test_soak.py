@@ -1,4 +1,4 @@
-"""tools/soak.py through torchrun: 1,000 steps at world 2 with unequal
+"""tools/analysis_tools/soak.py through torchrun: 1,000 steps at world 2 with unequal
 per-rank batches, memory stable and the result reproducible bit for bit.
 
 Each soak takes about 15 s on two CPU cores; the module runs three.
@@ -20,7 +20,7 @@ def torchrun_soak(out: str, *args: str) -> List[str]:
         'torchrun', '--nproc-per-node', '2', '--master-addr', '127.0.0.1',
         '--master-port',
         str(free_port()),
-        osp.join(TOOLS, 'soak.py'), '--out', out, *args
+        osp.join(TOOLS, 'analysis_tools', 'soak.py'), '--out', out, *args
     ]
 
 

@@ -10,7 +10,7 @@ bandwidth of MMSyncBN (8 tensor passes per step) against a measured memory
 copy, and the bytes each implementation saves for backward.
 
 Example:
-    python tools/benchmark.py --plot work_dirs/benchmark.png
+    python tools/analysis_tools/benchmark.py --plot work_dirs/benchmark.png
 """
 import argparse
 import ctypes

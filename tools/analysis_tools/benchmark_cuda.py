@@ -24,7 +24,7 @@ case, and ``--resume`` skips the cases that file already holds (the GPU
 check's follow-up call finishes a cut run).
 
 Example:
-    python tools/benchmark_cuda.py --json work_dirs/benchmark_cuda.json
+    python tools/analysis_tools/benchmark_cuda.py --json work_dirs/benchmark_cuda.json
 """
 import argparse
 import json

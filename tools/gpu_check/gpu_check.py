@@ -1,4 +1,4 @@
-"""The Python steps of ``tools/gpu_check.sh``, one sub-command each.
+"""The Python steps of ``tools/gpu_check/gpu_check.sh``, one sub-command each.
 
 * ``plan``: the caps of the steps (``caps``) and the table that shows they
   fit the budget and the call;

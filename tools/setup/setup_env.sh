@@ -6,13 +6,13 @@
 # with nothing changed, against 108 s the first time on 2 cores). PYTHON
 # picks the interpreter (default python3).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 # pip >= 24 builds editable installs without an isolated environment.
 "$PY" -m pip install -q -U 'pip>=24'
 "$PY" -m pip install -q -r requirements/tests.txt -r requirements/build.txt \
     -r requirements/runtime.txt
-# mmcv-lite unless mmcv's full build (tools/setup_downstream.sh) is there:
+# mmcv-lite unless mmcv's full build (tools/setup/setup_downstream.sh) is there:
 # both are the package `mmcv`, and one installed over the other breaks both.
 if ! "$PY" -m pip show -q mmcv >/dev/null 2>&1; then
   "$PY" -m pip install -q -r requirements/mmcv-lite.txt

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Turns the main environment (tools/setup_env.sh) into the one mmseg's and
+# Turns the main environment (tools/setup/setup_env.sh) into the one mmseg's and
 # mmdet's users have: mmcv's full build compiled from its sdist with its CPU
 # ops in place of mmcv-lite (requirements/mmcv-full.txt), mmsegmentation and
 # mmdetection (requirements/downstream.txt, --no-deps) and what they import
@@ -10,7 +10,7 @@
 # the wheel in its cache, and a second run with mmcv already built compiles
 # nothing. PYTHON picks the interpreter (default python3).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 say() { echo "setup_downstream [+$(( $(date +%s) - T0 ))s] $*"; }

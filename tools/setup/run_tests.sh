@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Everything CI checks, on a fresh machine: set-up from the repository's own
-# files (tools/setup_env.sh, then tools/setup_downstream.sh: mmcv's full
+# files (tools/setup/setup_env.sh, then tools/setup/setup_downstream.sh: mmcv's full
 # build, mmseg and mmdet), style (yapf, isort), a compile-only pass over the
 # CUDA sources, the test suite, and (where nvcc exists) the second environment of
 # .ci/cuda_env.sh: torch's CUDA build with mmcv-lite, mmpretrain, timm and
 # torchvision, mmsync built with its CUDA kernels, the suite again there;
-# then the rehearsal of tools/gpu_check.sh. Extra arguments go to pytest.
+# then the rehearsal of tools/gpu_check/gpu_check.sh. Extra arguments go to pytest.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
-bash tools/setup_env.sh
+bash tools/setup/setup_env.sh
 # mmcv's full build, mmseg and mmdet in the main environment (their tests).
-bash tools/setup_downstream.sh
+bash tools/setup/setup_downstream.sh
 # A real single-node Slurm for the launcher test (root with apt only; the
 # test skips visibly where srun is missing).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null &&
@@ -35,7 +35,7 @@ if command -v nvcc >/dev/null; then
   bash .ci/cuda_env.sh "$@"
   # The GPU check's every step that runs without a GPU, in a fresh venv
   # built as the GPU machine gets it; ends with "rehearsal ok".
-  bash tools/gpu_check.sh --rehearse
+  bash tools/gpu_check/gpu_check.sh --rehearse
 else
   echo "run_tests: nvcc not found, the CUDA-torch environment and the GPU" \
     "check's rehearsal are skipped"

@@ -14,10 +14,10 @@
 # message and the rest still runs; a step that did not run is never "pass".
 # The exact calls: docs/benchmarks_cuda.md.
 #
-#   bash tools/gpu_check.sh              the main check (GPU machine)
-#   bash tools/gpu_check.sh --follow-up  the steps the main call left
-#   bash tools/gpu_check.sh --prepare    fetch the wheels it carries (here)
-#   bash tools/gpu_check.sh --rehearse   every step that runs without a GPU,
+#   bash tools/gpu_check/gpu_check.sh              the main check (GPU machine)
+#   bash tools/gpu_check/gpu_check.sh --follow-up  the steps the main call left
+#   bash tools/gpu_check/gpu_check.sh --prepare    fetch the wheels it carries (here)
+#   bash tools/gpu_check/gpu_check.sh --rehearse   every step that runs without a GPU,
 #                                        in a fresh venv built like the GPU
 #                                        image, plus a build against torch
 #                                        2.11.0 (the image's); ends with
@@ -31,7 +31,7 @@
 # main, 150 follow-up), BUILD_S (the build's cap, default 190 s), MAX_JOBS
 # (default 16).
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
 MODE=check
 case "${1:-}" in
@@ -39,7 +39,7 @@ case "${1:-}" in
   --follow-up) MODE=follow-up ;;
   --prepare) MODE=prepare ;;
   --rehearse) MODE=rehearse ;;
-  *) echo "usage: bash tools/gpu_check.sh [--follow-up|--prepare|--rehearse]" >&2
+  *) echo "usage: bash tools/gpu_check/gpu_check.sh [--follow-up|--prepare|--rehearse]" >&2
      exit 2 ;;
 esac
 WHEELS=${WHEELS:-build/gpu_wheels}
@@ -134,7 +134,7 @@ print('torch', v, 'CUDA', torch.version.cuda, 'from', torch.__file__)" ||
     "$py" setup.py -q build_ext --inplace >"$reh/out/build_torch_image.log" 2>&1) ||
     { tail -40 "$reh/out/build_torch_image.log"
       echo "build against torch $IMAGE_TORCH FAILED"; return 1; }
-  (cd "$tree" && PYTHONPATH="$tree:$site:$reh/site" "$py" tools/gpu_check.py registered) ||
+  (cd "$tree" && PYTHONPATH="$tree:$site:$reh/site" "$py" tools/gpu_check/gpu_check.py registered) ||
     return 1
   stamp "built and registered against torch $IMAGE_TORCH ($(( $(date +%s) - t0 )) s)"
 }
@@ -172,11 +172,11 @@ if [ "$MODE" = rehearse ]; then
            BUILD_S=${BUILD_S:-1200})
   budget=${GPU_CHECK_BUDGET_S:-1800}
   env "${reh_env[@]}" GPU_CHECK_BUDGET_S=$budget \
-    GPU_CHECK_CALL_S=$(( budget + 30 )) bash "$REH/tree/tools/gpu_check.sh"
+    GPU_CHECK_CALL_S=$(( budget + 30 )) bash "$REH/tree/tools/gpu_check/gpu_check.sh"
   rc=$?
   if [ $rc = 0 ]; then
     env "${reh_env[@]}" GPU_CHECK_BUDGET_S=130 GPU_CHECK_CALL_S=150 \
-      bash "$REH/tree/tools/gpu_check.sh" --follow-up
+      bash "$REH/tree/tools/gpu_check/gpu_check.sh" --follow-up
     rc=$?
   fi
   if [ $rc = 0 ]; then
@@ -199,7 +199,7 @@ fi
 REHEARSAL=${GPU_CHECK_REHEARSAL:-0}
 STATE=${GPU_CHECK_STATE:-$REPO/work_dirs/gpu_check}
 SITE=${SITE:-/tmp/site}
-CHECK=(python3 "$REPO/tools/gpu_check.py")
+CHECK=(python3 "$REPO/tools/gpu_check/gpu_check.py")
 REH_FLAG=()
 [ "$REHEARSAL" = 1 ] && REH_FLAG=(--rehearsal)
 if [ "$MODE" = follow-up ]; then
@@ -227,7 +227,7 @@ export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$SITE/bin:$PATH"  # ninja, where its wheel was installed
 export MMSYNC_COMMIT=${MMSYNC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 
-# The plan (tools/gpu_check.py's PLAN): each step's cap in seconds; the
+# The plan (tools/gpu_check/gpu_check.py's PLAN): each step's cap in seconds; the
 # benchmark takes what is left, at least its cap, else it waits for the
 # follow-up call.
 STEPS=()
@@ -317,7 +317,7 @@ if todo install; then
     step install "${CHECK[@]}" install "$WHEEL_DIR" "$SITE"
   else
     "${CHECK[@]}" record "$STATE" install - 0 "${CAP[install]}" --status skipped \
-      --note "no wheels in $WHEEL_DIR (bash tools/gpu_check.sh --prepare)"
+      --note "no wheels in $WHEEL_DIR (bash tools/gpu_check/gpu_check.sh --prepare)"
   fi
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null ||
       echo "no nvidia-smi"
@@ -362,7 +362,7 @@ if [ $BUILT = 1 ]; then
     # a follow-up runs only the tests that have none.
     mapfile -t DESELECT < <("${CHECK[@]}" deselect "$STATE")
     step tests env GPU_CHECK_TESTS="$STATE/tests.tsv" \
-      PYTHONPATH="$REPO/tools:$PYTHONPATH" python3 -m pytest tests/test_ops/test_sync_bn_cuda.py -v \
+      PYTHONPATH="$REPO/tools/gpu_check:$PYTHONPATH" python3 -m pytest tests/test_ops/test_sync_bn_cuda.py -v \
       -rfEs -p no:cacheprovider -p gpu_check --timeout="$TEST_TIMEOUT_S" \
       --durations=10 "${DESELECT[@]}"
   fi
@@ -371,9 +371,9 @@ if [ $BUILT = 1 ]; then
     if [ "$REHEARSAL" = 1 ]; then
       # Without a GPU the benchmark gets as far as its own check (mmsync
       # imported from the tree) and exits with "no CUDA GPU".
-      step benchmark python3 tools/benchmark_cuda.py
+      step benchmark python3 tools/analysis_tools/benchmark_cuda.py
     else
-      step benchmark python3 tools/benchmark_cuda.py --resume \
+      step benchmark python3 tools/analysis_tools/benchmark_cuda.py --resume \
         --json "$STATE/benchmark_cuda.json"
     fi
   fi

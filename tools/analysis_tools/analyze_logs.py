@@ -4,7 +4,7 @@ Reads the ``vis_data/scalars.json`` that mmengine's LocalVisBackend writes
 (one JSON object per logged step). ``tools/train.py`` calls it at the end of
 training; run it by hand on a work dir to draw a run again::
 
-    python tools/analyze_logs.py work_dirs/<config name> [--out curves.png]
+    python tools/analysis_tools/analyze_logs.py work_dirs/<config name> [--out curves.png]
 """
 import argparse
 import glob

@@ -8,7 +8,7 @@ ReLU's read and write of the output in forward, its read of the output and
 gradient in backward and its saved output (one input-sized tensor).
 
 Example:
-    python tools/benchmark_relu.py --shapes 32x64x56x56
+    python tools/analysis_tools/benchmark_relu.py --shapes 32x64x56x56
 """
 import time
 

@@ -12,7 +12,7 @@ that keeps growing after the warm-up means a leak. Exits with status 1 if a
 loss is not finite or RSS grew by ``--max-rss-growth`` or more on any rank.
 
 Example:
-    torchrun --nproc-per-node 2 tools/soak.py --steps 1000 --seed 0 \\
+    torchrun --nproc-per-node 2 tools/analysis_tools/soak.py --steps 1000 --seed 0 \\
         --out work_dirs/soak
 """
 import argparse
@@ -192,7 +192,7 @@ def main():
     args = parse_args()
     if 'RANK' not in os.environ:
         sys.exit('soak.py: error: start it with torchrun, e.g. torchrun '
-                 '--nproc-per-node 2 tools/soak.py --out DIR')
+                 '--nproc-per-node 2 tools/analysis_tools/soak.py --out DIR')
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     dist.init_process_group(

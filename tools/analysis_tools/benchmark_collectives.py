@@ -34,9 +34,9 @@ each), fits the same form (a base, a hop latency, a per-byte time; gloo's
 ring algorithms) and prints the model's ratio to every measurement.
 
 Examples:
-    python tools/benchmark_collectives.py                  # the model
-    python tools/benchmark_collectives.py --measure --worlds 2 4 8 12 16
-    python tools/benchmark_collectives.py --plot docs/scaling.png
+    python tools/analysis_tools/benchmark_collectives.py                  # the model
+    python tools/analysis_tools/benchmark_collectives.py --measure --worlds 2 4 8 12 16
+    python tools/analysis_tools/benchmark_collectives.py --plot docs/scaling.png
 """
 import argparse
 import datetime
