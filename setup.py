@@ -43,6 +43,14 @@ def parse_requirements(fname):
     return reqs
 
 
+def pin_torch(reqs):
+    """``reqs`` with torch pinned to the release being built against: the
+    compiled ``_ext`` imports under that torch only."""
+    import torch
+    release = torch.__version__.split('+')[0]
+    return [f'torch=={release}' if r.startswith('torch') else r for r in reqs]
+
+
 def get_extensions():
     """The ``mmsync._ext`` extension: C++ sources, plus CUDA where possible."""
     import torch
@@ -96,6 +104,22 @@ if __name__ == '__main__':
             self.build_temp = self.build_temp or BUILD_TEMP
             super().finalize_options()
 
+        def run(self):
+            super().run()
+            self.write_build_info()
+
+        def write_build_info(self):
+            """mmsync/_build_info.py beside ``_ext``: the torch it was built
+            for, which mmsync checks before importing ``_ext``."""
+            import torch
+            path = osp.join(
+                osp.dirname(self.get_ext_fullpath('mmsync._ext')),
+                '_build_info.py')
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write('"""Written by setup.py when it built mmsync._ext."""'
+                        f'\nTORCH_VERSION = {torch.__version__!r}\n'
+                        f'TORCH_CUDA = {torch.version.cuda!r}\n')
+
     setup(
         name='mmsync',
         version=get_version(),
@@ -118,7 +142,8 @@ if __name__ == '__main__':
         },
         include_package_data=False,
         python_requires='>=3.8',
-        install_requires=parse_requirements('requirements/runtime.txt'),
+        install_requires=pin_torch(
+            parse_requirements('requirements/runtime.txt')),
         extras_require={
             'tests': parse_requirements('requirements/tests.txt'),
             'build': parse_requirements('requirements/build.txt'),

@@ -5,8 +5,8 @@ import functools
 import importlib.util
 import os.path as osp
 
-TOOLS = osp.join(osp.dirname(osp.abspath(__file__)), '..', 'tools',
-                 'analysis_tools')
+TOOLS = osp.join(
+    osp.dirname(osp.abspath(__file__)), '..', 'tools', 'analysis_tools')
 
 
 @functools.lru_cache(maxsize=None)

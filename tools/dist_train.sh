@@ -12,6 +12,10 @@
 # over NNODES*NPROC processes are checked first (tools/train.py --dry-run),
 # so bad input fails in one line.
 set -eu
+case "${1:-}" in -h | --help)
+    sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0 ;;
+esac
 
 if [ $# -lt 2 ]; then
     echo "dist_train.sh: error: usage: tools/dist_train.sh CONFIG NPROC [train.py args]" >&2
@@ -22,7 +26,10 @@ TOOLS=$(dirname "$0")
 # shellcheck source=tools/misc/torchrun.sh
 source "$TOOLS/misc/torchrun.sh"
 launch_settings dist_train.sh "$2"
-export PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}"
+# In a checkout, its mmsync; installed (mmsync/.mim/tools), the package's.
+if [ -f "$TOOLS/../mmsync/__init__.py" ]; then
+    export PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}"
+fi
 python "$TOOLS/train.py" "$CONFIG" "${@:3}" --dry-run $((NNODES * NPROC)) >/dev/null
 INTERRUPT_HINT="add --resume to continue from the last checkpoint"
 run_torchrun dist_train.sh "$NPROC" "$TOOLS/train.py" "$CONFIG" --launcher pytorch "${@:3}"

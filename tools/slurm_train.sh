@@ -8,6 +8,10 @@
 # The config and the split of the train set over GPUS tasks are checked here
 # first (tools/train.py --dry-run), so bad input fails in one line.
 set -eu
+case "${1:-}" in -h | --help)
+    sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0 ;;
+esac
 
 if [ $# -lt 4 ]; then
     echo "slurm_train.sh: error: usage: tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR [train.py args]" >&2
@@ -30,7 +34,10 @@ for var in GPUS GPUS_PER_NODE CPUS_PER_TASK; do
 done
 
 TOOLS=$(dirname "$0")
-export PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}"
+# In a checkout, its mmsync; installed (mmsync/.mim/tools), the package's.
+if [ -f "$TOOLS/../mmsync/__init__.py" ]; then
+    export PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}"
+fi
 python "$TOOLS/train.py" "$CONFIG" --work-dir "$WORK_DIR" "${@:5}" --dry-run "$GPUS" >/dev/null
 # shellcheck disable=SC2086 # SRUN_ARGS holds several options
 exec srun -p "$PARTITION" \

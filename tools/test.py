@@ -20,8 +20,11 @@ import torch.distributed as dist
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 
-from mmsync.engine import LAUNCHERS
-from mmsync.utils.process import die_with_launcher
+try:
+    from mmsync.engine import LAUNCHERS
+    from mmsync.utils.process import die_with_launcher
+except ImportError as e:  # e.g. an _ext built for another torch
+    sys.exit(f'test.py: error: {e}')
 
 
 def parse_args():

@@ -26,8 +26,11 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from mmsync.engine import LAUNCHERS, PreflightError, preflight
-from mmsync.utils.process import die_with_launcher
+try:
+    from mmsync.engine import LAUNCHERS, PreflightError, preflight
+    from mmsync.utils.process import die_with_launcher
+except ImportError as e:  # e.g. an _ext built for another torch
+    sys.exit(f'train.py: error: {e}')
 
 
 def parse_args():
@@ -130,19 +133,9 @@ def load_config(args) -> Config:
     return cfg
 
 
-def draw_curves(runner) -> None:
-    """Write the loss/accuracy curves of this run next to its logs."""
-    from analyze_logs import plot_curves
-    scalars = osp.join(runner.log_dir, 'vis_data', 'scalars.json')
-    if osp.isfile(scalars):
-        out = osp.join(runner.log_dir, 'curves.png')
-        plot_curves(scalars, out, title=runner.experiment_name)
-        runner.logger.info(f'loss and accuracy curves: {out}')
-
-
 @record
 def main():
-    """Load the config, build the runner, train, draw the curves."""
+    """Load the config, build the runner, train."""
     args = parse_args()
     if args.launcher == 'pytorch' and args.dry_run is None:
         # Killed, torchrun cannot stop its workers: they stop themselves.
@@ -167,8 +160,6 @@ def main():
             f'train.py: interrupted (rank {os.environ.get("RANK", "0")})',
             file=sys.stderr)
         sys.exit(130)
-    if runner.rank == 0:
-        draw_curves(runner)
     if dist.is_initialized():
         # The DDP wrapper (gone with the runner) holds the process group; a
         # group still alive when the interpreter exits aborts the process

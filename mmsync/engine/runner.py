@@ -22,10 +22,14 @@ gets it from every OpenMMLab launcher that builds ``RUNNERS.build(cfg)``
   ``device_ids=[LOCAL_RANK]``, which DDP rejects for a CPU model;
 - ``sync_bn='mmsync'`` (or ``dict(type='mmsync', stats_mode='default')``)
   besides mmengine's 'torch' and 'mmcv';
-- every rank's error appended to the run's log.
+- every rank's error appended to the run's log;
+- a console that shows what a person watches (:mod:`mmsync.engine.summary`):
+  a start line, progress, validation, a summary line; the environment,
+  config and hook table go to the log file only.
 """
 import copy
 import datetime
+import logging
 import os
 import os.path as osp
 import sys
@@ -50,6 +54,7 @@ from .checkpoint import (ATOMIC_BACKEND, checkpoint_loading,
                          find_resume_checkpoint, load_checkpoint_file)
 from .preflight import (PreflightError, check_splits, check_start, launch_env,
                         one_line)
+from .summary import FileOnly, RunSummaryHook
 
 SYNC_BN_TYPE = 'mmsync'
 
@@ -222,6 +227,16 @@ class MMSyncRunner(Runner):
         """Whether checkpoints load with full unpickling."""
         return bool(self.cfg.get('trust_checkpoint', False))
 
+    def build_logger(self, *args, **kwargs):
+        """mmengine's logger, with the environment, config and hook table
+        kept off the console (the log file has them)."""
+        logger = super().build_logger(*args, **kwargs)
+        for handler in logger.handlers:
+            if not isinstance(handler, logging.FileHandler) and not any(
+                    isinstance(f, FileOnly) for f in handler.filters):
+                handler.addFilter(FileOnly())
+        return logger
+
     def setup_env(self, env_cfg: Dict) -> None:
         if self.distributed and not dist.is_initialized():
             os.environ.update(launch_env(self.launcher))
@@ -271,8 +286,11 @@ class MMSyncRunner(Runner):
                        default_hooks: Optional[Dict] = None,
                        custom_hooks: Optional[List] = None) -> None:
         """Register the hooks; a CheckpointHook that writes local files
-        with mmengine's default backend writes them atomically."""
+        with mmengine's default backend writes them atomically; a
+        RunSummaryHook unless the config has one."""
         super().register_hooks(default_hooks, custom_hooks)
+        if not any(isinstance(hook, RunSummaryHook) for hook in self.hooks):
+            self.register_hook(RunSummaryHook())
         for hook in self.hooks:
             if (isinstance(hook, CheckpointHook) and hook.backend_args is None
                     and hook.file_client_args is None

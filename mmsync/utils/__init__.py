@@ -1,3 +1,3 @@
-from .ext_loader import check_ops_exist, load_ext
+from .ext_loader import check_build_torch, check_ops_exist, load_ext
 
-__all__ = ['check_ops_exist', 'load_ext']
+__all__ = ['check_build_torch', 'check_ops_exist', 'load_ext']

@@ -2,9 +2,10 @@
 
     python -m mmsync.utils.collect_env
 
-Python, torch (and its CUDA), mmengine, mmsync, the C++ compiler that builds
-the extension, the CPU kernel variant that ``mmsync._ext`` runs on this CPU
-and the CUDA architectures compiled into it.
+Python, NumPy, torch (and its CUDA), mmengine, mmcv (which build), mmsync,
+the C++ compiler that builds the extension, the torch ``mmsync._ext`` was
+built for, the CPU's vector extensions and the kernel variant ``_ext`` runs
+on them, and the CUDA architectures compiled into it.
 """
 import os
 import os.path as osp
@@ -86,9 +87,34 @@ def cuda_archs(path: str, ext: bytes) -> str:
     return ', '.join(archs) if archs else 'none (built without CUDA)'
 
 
+def mmcv_build() -> str:
+    """mmcv's version and build: the full one (compiled ops), or lite."""
+    import importlib.metadata
+    import importlib.util
+    for dist in ('mmcv', 'mmcv-full', 'mmcv-lite'):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        full = importlib.util.find_spec('mmcv._ext') is not None
+        return (f'{version} ({dist}: '
+                f'{"full build, compiled ops" if full else "lite, no ops"})')
+    return 'not installed'
+
+
+def build_torch() -> str:
+    """The torch ``_ext`` was built for (recorded by setup.py)."""
+    try:
+        from mmsync import _build_info
+    except ImportError:
+        return 'not recorded (built before the record was kept)'
+    return f'{_build_info.TORCH_VERSION} (CUDA {_build_info.TORCH_CUDA})'
+
+
 def collect_env() -> Dict[str, str]:
     """The report as name -> value."""
     import mmengine
+    import numpy
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, get_cxx_compiler
 
@@ -103,6 +129,7 @@ def collect_env() -> Dict[str, str]:
     env['sys.platform'] = sys.platform
     env['Python'] = sys.version.replace('\n', ' ')
     env['CPU'] = model.group(1) if model else platform.machine()
+    env['NumPy'] = numpy.__version__
     env['PyTorch'] = torch.__version__
     env['PyTorch CUDA'] = str(torch.version.cuda)
     env['CUDA available'] = str(torch.cuda.is_available())
@@ -114,18 +141,23 @@ def collect_env() -> Dict[str, str]:
     env['C++ compiler'] = (
         f'{compiler}: {_first_line([compiler, "--version"]) or "not found"}')
     env['mmengine'] = mmengine.__version__
+    env['mmcv'] = mmcv_build()
     env['mmsync'] = f'{mmsync.__version__} ({osp.dirname(mmsync.__file__)})'
     path = ext_path()
     if path is None:
         env['mmsync._ext'] = 'not built: run tools/setup/setup_env.sh'
         return env
     env['mmsync._ext'] = path
+    env['mmsync._ext built for torch'] = build_torch()
     with open(path, 'rb') as f:
         ext = f.read()
     flags = set(
         re.findall(
             r'\w+',
             ' '.join(re.findall(r'^flags\s*:(.*)$', cpuinfo, re.MULTILINE))))
+    wanted = sorted({f for _, needed in CPU_VARIANTS for f in needed})
+    env['CPU features'] = ' '.join(
+        f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)
     cap = os.environ.get('MMSYNC_CPU_CAPABILITY')
     env['CPU kernels'] = cpu_variant(
         ext, flags, cap) + (f' (MMSYNC_CPU_CAPABILITY={cap})' if cap else '')

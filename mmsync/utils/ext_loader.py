@@ -10,6 +10,32 @@ BUILD_HINT = ('build it from the repository root with '
               '`pip install -v -e . --no-build-isolation`')
 
 
+def check_build_torch() -> None:
+    """Raise one line where ``_ext`` was built for another torch release.
+
+    setup.py records the torch it compiled ``_ext`` against in
+    ``mmsync/_build_info.py``; another torch would fail with an undefined
+    symbol at import, or worse, run with a mismatched ABI. Nothing is
+    checked where no record exists (an extension built before it was kept).
+
+    Raises:
+        ImportError: Naming both versions and how to rebuild.
+    """
+    try:
+        build_info = importlib.import_module('mmsync._build_info')
+    except ImportError:
+        return
+    built = build_info.TORCH_VERSION
+    if built.split('+')[0] == torch.__version__.split('+')[0]:
+        return
+    raise ImportError(
+        f'mmsync._ext was built for torch {built} but torch '
+        f'{torch.__version__} is running: rebuild mmsync against it '
+        '(`pip install --no-build-isolation --no-deps --force-reinstall '
+        'mmsync-<version>.tar.gz`, or in a checkout `pip install -e . '
+        f'--no-build-isolation`), or install torch=={built.split("+")[0]}')
+
+
 def check_ops_exist() -> bool:
     """Whether the compiled extension ``mmsync._ext`` is installed."""
     return importlib.util.find_spec('mmsync._ext') is not None
@@ -32,6 +58,7 @@ def load_ext(name: str, funcs: Sequence[str]) -> SimpleNamespace:
         ImportError: One error listing every name that cannot be resolved,
             and how to build the extension.
     """
+    check_build_torch()
     try:
         importlib.import_module(f'mmsync.{name}')
     except ImportError as e:

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 pytest.importorskip(
-    'mmcv.ops', reason="needs mmcv's full build (tools/setup/setup_downstream.sh)")
+    'mmcv.ops',
+    reason="needs mmcv's full build (tools/setup/setup_downstream.sh)")
 pytest.importorskip('mmseg.models', reason='needs mmsegmentation')
 pytest.importorskip('mmdet.models', reason='needs mmdet')
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 pytest.importorskip(
-    'mmcv.ops', reason="needs mmcv's full build (tools/setup/setup_downstream.sh)")
+    'mmcv.ops',
+    reason="needs mmcv's full build (tools/setup/setup_downstream.sh)")
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 WARNING = ("'MMSyncBN' in mmengine's root MODELS registry was "

@@ -179,10 +179,11 @@ def test_nothing_left_prints_nothing(tmp_path, cmd):
     argument, and an empty one would make pytest collect the whole tree."""
     rows = [(s, 0, 'pass') for s in STEPS]
     state = _state(tmp_path, rows)
-    done = subprocess.run(
-        [sys.executable,
-         osp.join(REPO, 'tools', 'gpu_check', 'gpu_check.py'), cmd, state],
-        capture_output=True,
-        text=True,
-        check=True)
+    done = subprocess.run([
+        sys.executable,
+        osp.join(REPO, 'tools', 'gpu_check', 'gpu_check.py'), cmd, state
+    ],
+                          capture_output=True,
+                          text=True,
+                          check=True)
     assert done.stdout == ''

@@ -1,8 +1,10 @@
 """The environment report: every field, and its rule for the CPU kernels."""
+import importlib.util
 import os
 import re
 import sys
 
+import numpy
 import pytest
 import torch
 from tools_launch import run
@@ -19,9 +21,19 @@ def test_report_names_every_field():
     fields = dict(
         line.split(': ', 1) for line in result.stdout.strip().splitlines())
     assert fields['PyTorch'] == torch.__version__
+    assert fields['NumPy'] == numpy.__version__
     for name in ('Python', 'CPU', 'C++ compiler', 'mmengine', 'mmsync',
-                 'mmsync._ext', 'CPU kernels', 'CUDA archs in _ext'):
+                 'mmsync._ext', 'CPU kernels', 'CUDA archs in _ext',
+                 'CPU features'):
         assert fields[name], name
+    # The extension of this checkout was built here, against this torch.
+    assert fields['mmsync._ext built for torch'].startswith(
+        f'{torch.__version__} (CUDA '), fields
+    flavour = ('full build, compiled ops'
+               if importlib.util.find_spec('mmcv._ext') else 'lite, no ops')
+    assert re.fullmatch(
+        r'\d+\.\d+\.\d+\S* \(mmcv(-lite|-full)?: ' + flavour + r'\)',
+        fields['mmcv']), fields['mmcv']
     assert re.fullmatch(r'(avx512|avx2|default)( \(.*\))?',
                         fields['CPU kernels'])
     capped = run([sys.executable, '-m', 'mmsync.utils.collect_env'],

@@ -96,7 +96,8 @@ def test_curves_and_logs(runs, tmp_path):
     assert 'process group: gloo, 2 ranks' in text
     out = tmp_path / 'again.png'
     result = run(
-        python('analysis_tools/analyze_logs.py', work_dir, '--out', str(out)), timeout=60)
+        python('analysis_tools/analyze_logs.py', work_dir, '--out', str(out)),
+        timeout=60)
     assert result.stdout.strip() == str(out)
     assert out.read_bytes()[:8] == PNG_SIGNATURE
 

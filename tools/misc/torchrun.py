@@ -21,10 +21,17 @@ from torch.distributed.run import main
 def load_process_module():
     """mmsync.utils.process, loaded from its file: importing the mmsync
     package loads mmengine and the extension, seconds that this process
-    does not need."""
-    path = osp.join(
-        osp.dirname(osp.abspath(__file__)), '..', '..', 'mmsync', 'utils',
-        'process.py')
+    does not need. The package is found where Python finds it (a checkout
+    on PYTHONPATH, an editable install or site-packages), not by this
+    script's place, which differs between a checkout and an installed
+    ``mmsync/.mim/tools``."""
+    package = importlib.util.find_spec('mmsync')
+    if package is None or not package.submodule_search_locations:
+        sys.exit('torchrun.py: error: mmsync is not importable: install it '
+                 '(tools/setup/setup_env.sh) or put its checkout on '
+                 'PYTHONPATH')
+    path = osp.join(package.submodule_search_locations[0], 'utils',
+                    'process.py')
     spec = importlib.util.spec_from_file_location('mmsync_process', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -47,6 +47,12 @@ run_torchrun() {
         rendezvous=(--nnodes="$NNODES" --node-rank="$NODE_RANK"
                     --master-addr="$MASTER_ADDR" --master-port="$PORT")
     fi
+    # Unset, torchrun and mmengine each warn and set them to 1: one thread
+    # per process at most, the cores shared among the node's processes.
+    local cores
+    cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / nproc > 0 ? cores / nproc : 1 ))}
+    export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
     setsid python "$tools/misc/torchrun.py" "${rendezvous[@]}" \
         --max-restarts="$MAX_RESTARTS" --nproc-per-node="$nproc" "$@" &
     torchrun=$!

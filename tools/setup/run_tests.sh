@@ -5,11 +5,17 @@
 # CUDA sources, the test suite, and (where nvcc exists) the second environment of
 # .ci/cuda_env.sh: torch's CUDA build with mmcv-lite, mmpretrain, timm and
 # torchvision, mmsync built with its CUDA kernels, the suite again there;
-# then the rehearsal of tools/gpu_check/gpu_check.sh. Extra arguments go to pytest.
+# then the rehearsal of tools/gpu_check/gpu_check.sh. Extra arguments go to
+# pytest. Run it in a virtual environment (setup_env.sh refuses another):
+#   python3 -m venv .venv && . .venv/bin/activate && bash tools/setup/run_tests.sh
 set -euo pipefail
+case "${1:-}" in -h | --help)
+  sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+  exit 0 ;;
+esac
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
-bash tools/setup/setup_env.sh
+bash tools/setup/setup_env.sh --tests
 # mmcv's full build, mmseg and mmdet in the main environment (their tests).
 bash tools/setup/setup_downstream.sh
 # A real single-node Slurm for the launcher test (root with apt only; the
