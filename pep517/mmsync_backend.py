@@ -40,3 +40,15 @@ def get_requires_for_build_editable(config_settings=None):
 def get_requires_for_build_sdist(config_settings=None):
     _need_torch()
     return _orig.get_requires_for_build_sdist(config_settings)
+
+
+def build_editable(wheel_directory,
+                   config_settings=None,
+                   metadata_directory=None):
+    """setuptools' editable build, without its warning that the checkout's
+    ``mmsync`` folder shadows the install: for an editable install of a
+    checkout that is the point."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='Editable installation')
+        return _orig.build_editable(wheel_directory, config_settings,
+                                    metadata_directory)

@@ -19,10 +19,14 @@ from mmengine.hooks import CheckpointHook, Hook
 from ..registry import HOOKS
 from ..utils.curves import plot_curves
 
-# Messages that mmengine's Runner logs at INFO for the record, not for the
-# person at the console: the environment, the config, the hook table.
+# Messages that mmengine's Runner logs for the record, not for the person at
+# the console: the environment, the config, the hook table, and the
+# deprecation notices of mmengine's own CheckpointHook (nothing a user can
+# act on).
 FILE_ONLY_PREFIXES = ('\n----', 'Config:\n',
-                      'Hooks will be executed in the following order')
+                      'Hooks will be executed in the following order',
+                      '"FileClient" will be deprecated',
+                      '"HardDiskBackend" is the alias of')
 # Where the validation history lives in the message hub (and so in every
 # checkpoint, and back after a resume).
 HISTORY_KEY = 'mmsync_val_history'

@@ -1,5 +1,6 @@
 """Set-up: no setuptools warnings about the C++ sources, and the compiled
 objects kept where a second build finds them (so it rebuilds nothing)."""
+import glob
 import os.path as osp
 import shutil
 import subprocess
@@ -69,3 +70,26 @@ def test_compiled_objects_are_up_to_date():
                     'another way')
     result = run([ninja, '-C', build, '-n'], timeout=60)
     assert 'no work to do' in result.stdout, result.stdout
+
+
+SHELL_TOOLS = sorted(
+    osp.relpath(p, REPO)
+    for p in glob.glob(osp.join(REPO, 'tools', '**', '*.sh'), recursive=True)
+    # (sourced by the launchers, not run)
+    if not p.endswith(osp.join('misc', 'torchrun.sh')))
+
+
+@pytest.mark.parametrize('tool', SHELL_TOOLS)
+@pytest.mark.parametrize('flag', ['--help', '-h'])
+def test_shell_tool_answers_help_without_side_effects(tool, flag, tmp_path):
+    """Its header comment, exit 0, nothing written or installed (a set-up
+    script's --help used to run the whole set-up)."""
+    result = subprocess.run(['bash', osp.join(REPO, tool), flag],
+                            cwd=tmp_path,
+                            capture_output=True,
+                            text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) >= 2 and not result.stderr
+    assert not result.stdout.startswith(('#', '!')), result.stdout
+    assert list(tmp_path.iterdir()) == []

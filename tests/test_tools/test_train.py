@@ -119,13 +119,57 @@ def test_resume_continues_from_checkpoint(runs, tmp_path):
 
 
 def test_main_job_reaches_97_percent(tmp_path):
-    """The README's command: tools/dist_train.sh <mmsyncbn config> 2."""
+    """The README's command: tools/dist_train.sh <mmsyncbn config> 2, in the
+    environment a user has (no thread variables set). Its console: a start
+    line, at most 40 lines before the first progress line, no environment or
+    config dump, no thread warnings, a summary line; a --resume of the
+    finished run says there is nothing to train."""
     work_dir = str(tmp_path / 'main')
-    run([
+    env = device_env('cpu', PORT=str(free_port()))
+    for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+        env.pop(name, None)
+    result = run([
         'bash', 'tools/dist_train.sh', SYNC_CONFIG, '2', '--work-dir', work_dir
     ],
-        timeout=500,
-        env=device_env('cpu', PORT=str(free_port())))
+                 timeout=500,
+                 env=env)
     top1 = accuracies(work_dir)
     assert len(top1) == 15 and top1[-1] >= 97.0, top1
     assert osp.isfile(osp.join(work_dir, 'epoch_15.pth'))
+    console = result.stdout + result.stderr
+    lines = console.splitlines()
+    first = next(i for i, line in enumerate(lines) if 'Epoch(train)' in line)
+    assert first <= 40, '\n'.join(lines[:first])
+    assert any('start: 2 processes on CPU, 15 epochs of 23 iterations' in line
+               for line in lines[:first]), console[-3000:]
+    for noise in ('System environment', 'Config:', 'GPU number',
+                  'Hooks will be executed', 'OMP_NUM_THREADS',
+                  'MKL_NUM_THREADS'):
+        assert noise not in console, noise
+    (summary, ) = [line for line in lines if ' - summary: ' in line]
+    best = max(top1)
+    assert (f'best accuracy/top1 {best:.4g} (epoch {top1.index(best) + 1}), '
+            f'last {top1[-1]:.4g} (epoch 15); checkpoint to use: '
+            f'{osp.join(work_dir, "epoch_15.pth")}; log: ') in summary
+    assert summary.endswith('curves.png')
+    (log, ) = glob.glob(osp.join(work_dir, '*', '*.log'))
+    with open(log, encoding='utf-8') as f:
+        text = f.read()
+    assert 'System environment' in text and 'Config:' in text
+    again = run([
+        'bash', 'tools/dist_train.sh', SYNC_CONFIG, '2', '--work-dir',
+        work_dir, '--resume'
+    ],
+                timeout=300,
+                env=dict(env, PORT=str(free_port())))
+    assert ('nothing to train: the run resumed at epoch 15, iteration 345, '
+            'already the end of its schedule (max_epochs=15); raise '
+            'train_cfg.max_epochs to train longer') in again.stdout
+    # The history came back with the checkpoint's message hub (up to the
+    # validation before it: epoch 15's runs after the checkpoint is saved).
+    (resumed, ) = [
+        line for line in again.stdout.splitlines() if ' - summary: ' in line
+    ]
+    assert (f'best accuracy/top1 {max(top1[:14]):.4g} ' in resumed
+            and f'last {top1[13]:.4g} (epoch 14); checkpoint to use: '
+            f'{osp.join(work_dir, "epoch_15.pth")}' in resumed), resumed

@@ -36,6 +36,9 @@ cd "$REPO"
 MODE=check
 case "${1:-}" in
   '') ;;
+  -h | --help)
+    sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0 ;;
   --follow-up) MODE=follow-up ;;
   --prepare) MODE=prepare ;;
   --rehearse) MODE=rehearse ;;

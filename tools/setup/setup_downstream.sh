@@ -10,6 +10,10 @@
 # the wheel in its cache, and a second run with mmcv already built compiles
 # nothing. PYTHON picks the interpreter (default python3).
 set -euo pipefail
+case "${1:-}" in -h | --help)
+  sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+  exit 0 ;;
+esac
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 T0=$(date +%s)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs mmsync from this repository's own files into the active virtual
-# environment: the pinned CPU build of torch (requirements/torch.txt),
-# mmengine and mmcv-lite, what the main job needs, then builds mmsync._ext in
+# environment: the pinned CPU build of torch (requirements/torch.txt) and
+# mmengine, what the main job needs, then builds mmsync._ext in
 # place (pip install -e . --no-build-isolation), a line per step with times:
 #   python3 -m venv .venv && . .venv/bin/activate
 #   bash tools/setup/setup_env.sh            the main job's set-up
 #   bash tools/setup/setup_env.sh --tests    and the test tools (pytest, onnx,
-#                                            yapf, isort, scikit-learn, ...)
+#                                            yapf, isort, mmcv-lite, ...)
 # It refuses an interpreter outside a virtual environment (or a conda one)
 # unless MMSYNC_SYSTEM_INSTALL=1. Safe to run again: the compiled objects
 # stay in build/temp (see setup.py), so a second run recompiles only what
@@ -50,13 +50,13 @@ if [ "$TESTS" = 1 ]; then
   say "installing the test tools (requirements/tests.txt)"
   "$PY" -m pip install -q -r requirements/torch.txt -r requirements/tests.txt \
     2>&1 | quiet
-fi
-# mmcv-lite unless mmcv's full build (tools/setup/setup_downstream.sh) is
-# there: both are the package `mmcv`, and one installed over the other
-# breaks both.
-if ! "$PY" -m pip show -q mmcv >/dev/null 2>&1; then
-  say "installing mmcv-lite"
-  "$PY" -m pip install -q -r requirements/mmcv-lite.txt 2>&1 | quiet
+  # mmcv-lite (mmcv's builders, for the registry tests) unless mmcv's full
+  # build (tools/setup/setup_downstream.sh) is there: both are the package
+  # `mmcv`, and one installed over the other breaks both.
+  if ! "$PY" -m pip show -q mmcv >/dev/null 2>&1; then
+    say "installing mmcv-lite"
+    "$PY" -m pip install -q -r requirements/mmcv-lite.txt 2>&1 | quiet
+  fi
 fi
 say "building mmsync._ext (C++; about 2 min on 2 cores the first time)"
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q -e . --no-build-isolation \
