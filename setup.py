@@ -7,6 +7,13 @@ without optimization and with debug symbols.
 Compiled objects stay in ``build/temp``, for ``pip install -e .`` as for
 ``setup.py build_ext --inplace``, so a second build recompiles only what
 changed (pip's editable builds otherwise start from an empty folder).
+
+``_ext`` runs under the torch it was compiled against only: the build
+records that torch in ``mmsync/_build_info.py`` (checked before ``_ext``
+loads) and pins ``torch==<that release>`` in the package's requirements.
+Build with ``--no-build-isolation`` after installing torch (pyproject.toml's
+backend says so in one line where torch is missing); MANIFEST.in lists what
+an sdist holds.
 """
 import glob
 import os
