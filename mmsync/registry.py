@@ -56,10 +56,7 @@ STRATEGIES = Registry(
     scope='mmsync',
     locations=['mmsync.engine'])
 HOOKS = Registry(
-    'hook',
-    parent=MMENGINE_HOOKS,
-    scope='mmsync',
-    locations=['mmsync.engine'])
+    'hook', parent=MMENGINE_HOOKS, scope='mmsync', locations=['mmsync.engine'])
 LOG_PROCESSORS = Registry(
     'log processor', parent=MMENGINE_LOG_PROCESSORS, scope='mmsync')
 DATA_SAMPLERS = Registry(

@@ -51,8 +51,8 @@ def fully_shard_norms(module: nn.Module, **kwargs) -> List[nn.Module]:
 
     Args:
         module (nn.Module): The model or block whose norms to shard.
-        **kwargs: Passed to ``fully_shard`` (``mesh``, ``reshard_after_forward``,
-            ...); ``mp_policy`` is not accepted.
+        **kwargs: Passed to ``fully_shard`` (``mesh``,
+            ``reshard_after_forward``, ...); not ``mp_policy``.
 
     Returns:
         list[nn.Module]: The norms sharded.
@@ -62,8 +62,7 @@ def fully_shard_norms(module: nn.Module, **kwargs) -> List[nn.Module]:
         raise TypeError('fully_shard_norms keeps the norms in their own '
                         'dtype: it takes no mp_policy')
     norms = [
-        m for m in module.modules()
-        if isinstance(m, _BatchNorm)
+        m for m in module.modules() if isinstance(m, _BatchNorm)
         and next(m.parameters(recurse=False), None) is not None
     ]
     for norm in norms:

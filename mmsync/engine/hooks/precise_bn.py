@@ -67,9 +67,9 @@ def global_moments(input: torch.Tensor, world_size: int) -> Moments:
     moments = (0, row.new_zeros(channels), row.new_zeros(channels))
     for row in rows:
         row = row.to(input.device)
-        moments = merge_moments(moments, (int(row[0].item()),
-                                          row[1:channels + 1],
-                                          row[channels + 1:]))
+        moments = merge_moments(
+            moments,
+            (int(row[0].item()), row[1:channels + 1], row[channels + 1:]))
     return moments
 
 
@@ -147,8 +147,8 @@ def update_bn_stats(model: nn.Module,
     module = model.module if is_model_wrapper(model) else model
     _, world_size = get_dist_info()
     layers = [
-        m for m in module.modules() if isinstance(m, _BatchNorm)
-        and m.training and m.running_mean is not None
+        m for m in module.modules() if isinstance(m, _BatchNorm) and m.training
+        and m.running_mean is not None
     ]
     batch_size = loader.batch_size or getattr(loader.batch_sampler,
                                               'batch_size', 1)
@@ -237,5 +237,6 @@ class PreciseBNHook(Hook):
 
 HOOKS.register_module(module=PreciseBNHook)
 # Downstream configs find it by its bare name where their scope has no
-# PreciseBNHook of its own (mmpretrain's scope has: there 'mmsync.PreciseBNHook').
+# PreciseBNHook of its own; mmpretrain's has, so there it is
+# 'mmsync.PreciseBNHook'.
 ROOT_HOOKS.register_module(module=PreciseBNHook, force=True)
