@@ -69,9 +69,10 @@ def strip(name: str) -> str:
 
 
 def capture(model: nn.Module) -> list:
-    """Record, per norm layer, its weight and bias in forward and its
-    input, output and their gradients, as the layer itself sees them
-    (registered after FSDP's hooks, the forward hook before them)."""
+    """Record, per norm layer, its weight and bias in forward, and its input
+    as the block passes it and its output as it returns it, with their
+    gradients (registered before sharding: FSDP1's cast of a norm's input
+    to float32 and of its output back to bf16 fall between them)."""
     records = []
     for module in model.modules():
         if not isinstance(module, SyncBatchNorm):
