@@ -20,6 +20,7 @@ from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import OPTIMIZERS as MMENGINE_OPTIMIZERS
 from mmengine.registry import PARAM_SCHEDULERS as MMENGINE_PARAM_SCHEDULERS
 from mmengine.registry import RUNNERS as MMENGINE_RUNNERS
+from mmengine.registry import STRATEGIES as MMENGINE_STRATEGIES
 from mmengine.registry import VISBACKENDS as MMENGINE_VISBACKENDS
 from mmengine.registry import VISUALIZERS as MMENGINE_VISUALIZERS
 from mmengine.registry import Registry
@@ -49,7 +50,13 @@ RUNNERS = Registry(
     scope='mmsync',
     locations=['mmsync.engine'])
 LOOPS = Registry('loop', parent=MMENGINE_LOOPS, scope='mmsync')
-HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmsync')
+STRATEGIES = Registry(
+    'strategy',
+    parent=MMENGINE_STRATEGIES,
+    scope='mmsync',
+    locations=['mmsync.engine'])
+HOOKS = Registry(
+    'hook', parent=MMENGINE_HOOKS, scope='mmsync', locations=['mmsync.engine'])
 LOG_PROCESSORS = Registry(
     'log processor', parent=MMENGINE_LOG_PROCESSORS, scope='mmsync')
 DATA_SAMPLERS = Registry(
