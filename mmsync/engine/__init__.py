@@ -16,11 +16,12 @@ from .hooks import PreciseBNHook, update_bn_stats
 from .preflight import LAUNCHERS, Plan, PreflightError, launch_env, preflight
 from .runner import MMSyncRunner, init_dist_from_env, sync_bn_options
 from .strategies import MMSyncDDPStrategy, MMSyncFSDPStrategy
+from .summary import RunSummaryHook
 
 __all__ = [
     'ATOMIC_BACKEND', 'AtomicLocalBackend', 'CheckpointError', 'LAUNCHERS',
     'MMSyncDDPStrategy', 'MMSyncFSDPStrategy', 'MMSyncRunner', 'Plan',
-    'PreciseBNHook', 'PreflightError', 'checkpoint_loading',
+    'PreciseBNHook', 'PreflightError', 'RunSummaryHook', 'checkpoint_loading',
     'checkpoint_safe_globals', 'find_resume_checkpoint', 'fully_shard_norms',
     'init_dist_from_env', 'launch_env', 'load_checkpoint_file',
     'norm_wrap_policy', 'preflight', 'resume_candidates', 'sync_bn_options',
