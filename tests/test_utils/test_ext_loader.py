@@ -52,13 +52,16 @@ def test_ext_built_for_another_torch_is_named_in_one_line(tmp_path):
     built = runpy.run_path(osp.join(OTHER_TREE, 'mmsync',
                                     '_build_info.py'))['TORCH_VERSION']
     assert built.split('+')[0] != torch.__version__.split('+')[0]
-    env = dict(os.environ, PYTHONPATH=OTHER_TREE)
-    result = subprocess.run([sys.executable, '-c', 'import mmsync'],
-                            cwd=tmp_path,
-                            env=env,
-                            capture_output=True,
-                            text=True,
-                            timeout=300)
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args],
+                              cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=OTHER_TREE),
+                              capture_output=True,
+                              text=True,
+                              timeout=300)
+
+    result = run('-c', 'import mmsync')
     assert result.returncode == 1
     assert 'undefined symbol' not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -66,14 +69,7 @@ def test_ext_built_for_another_torch_is_named_in_one_line(tmp_path):
         f'ImportError: mmsync._ext was built for torch {built} but torch '
         f'{torch.__version__} is running: rebuild mmsync'), result.stderr
     assert f'install torch=={built.split("+")[0]}' in last
-    tool = subprocess.run(
-        [sys.executable,
-         osp.join(OTHER_TREE, 'tools', 'train.py'), '--help'],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300)
+    tool = run(osp.join(OTHER_TREE, 'tools', 'train.py'), '--help')
     assert tool.returncode == 1
     assert tool.stderr.strip().splitlines() == [
         'train.py: error: ' + last[len('ImportError: '):]
