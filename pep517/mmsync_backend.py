@@ -7,6 +7,7 @@ one the user runs (and download a CUDA build of several GB). Without torch
 the build ends in one line saying what to do instead of a traceback.
 """
 import sys
+import warnings
 from setuptools import build_meta as _orig
 from setuptools.build_meta import *  # noqa: F401,F403
 
