@@ -42,6 +42,9 @@ from .sync_bn_comm import (STATS_MODES, SyncCheck, check_sync_enabled,
 from .sync_bn_recompute import (StatsRecord, find_record, keep_record,
                                 pick_record)
 
+# The buffer counting the batches skipped for non-finite statistics.
+NONFINITE = 'nonfinite_batches'
+
 ext_module = load_ext('_ext', [
     'sync_bn_forward_stats', 'sync_bn_forward_finalize',
     'sync_bn_forward_output', 'sync_bn_backward_reduce',
@@ -149,6 +152,31 @@ def _once_differentiable(backward):
     return wrapper
 
 
+def _skip_nonfinite(mean: torch.Tensor, invstd: torch.Tensor,
+                    running_mean: torch.Tensor, running_var: torch.Tensor,
+                    before: Tuple[torch.Tensor, torch.Tensor],
+                    num_batches_tracked: Optional[torch.Tensor],
+                    nonfinite: Optional[torch.Tensor]) -> None:
+    """Undo the running-stat update of a batch whose global statistics are
+    not finite (a NaN or Inf in any channel, an fp16 overflow), so that one
+    bad batch does not make every later evaluation NaN; count it in
+    ``nonfinite`` instead of ``num_batches_tracked``.
+
+    Decided from the group's reduced mean and invstd, identical on every
+    rank, with tensor ops only: no host sync, CUDA-graph safe. An infinite
+    variance gives invstd 0.
+    """
+    finite = (torch.isfinite(mean).all() & torch.isfinite(invstd).all()
+              & (invstd > 0).all())
+    running_mean.copy_(torch.where(finite, running_mean, before[0]))
+    running_var.copy_(torch.where(finite, running_var, before[1]))
+    skipped = (~finite).long()
+    if num_batches_tracked is not None:
+        num_batches_tracked.sub_(skipped)
+    if nonfinite is not None:
+        nonfinite.add_(skipped)
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Autograd of synchronized BN: one collective each way.
 
@@ -174,7 +202,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                  check,
                  recompute=None,
                  keep=None,
-                 shift=None):
+                 shift=None,
+                 nonfinite=None):
         """ONNX (TorchScript exporter, training mode): one node
         ``mmsync::MMSyncBatchNorm`` with inputs X[, scale, B][, mean, var]
         and what a runtime needs to synchronize as attributes."""
@@ -213,7 +242,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 check: Optional[SyncCheck],
                 recompute=None,
                 keep=None,
-                shift=None) -> torch.Tensor:
+                shift=None,
+                nonfinite=None) -> torch.Tensor:
         if not _dense_layout(input):
             input = input.contiguous()
         by_count = stats_mode == 'N'
@@ -235,8 +265,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # An ONNX export replaces this function by its symbolic node;
             # the traced run only needs local values.
             if group_size > 1 and not torch.onnx.is_in_onnx_export():
-                stats = group_stats(stats, group, group_size, shift,
-                                    'forward statistics')
+                state, site = shift if shift is not None else (None, 0)
+                stats = group_stats(stats, group, group_size, state,
+                                    'forward statistics', site)
             elif count == 1:
                 # Alone, this rank knows without reading the device; a group
                 # holding one value in all is caught by finalize (an error
@@ -247,9 +278,15 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # Merges the ranks' rows in rank order. mean and invstd stay
             # float64 (O(C)): the kernels split the mean into hi + lo parts
             # so that x - mean is exact when mean >> std.
+            before = None
+            if running_mean is not None:
+                before = (running_mean.clone(), running_var.clone())
             mean, invstd, scale = ext_module.sync_bn_forward_finalize(
                 stats, running_mean, running_var, num_batches_tracked,
                 momentum, eps, count, by_count, torch.float64)
+            if before is not None:
+                _skip_nonfinite(mean, invstd, running_mean, running_var,
+                                before, num_batches_tracked, nonfinite)
             if keep is not None:
                 keep_record(keep, StatsRecord(row, count, mean, invstd, scale))
         output = ext_module.sync_bn_forward_output(input, mean, invstd, weight,
@@ -260,6 +297,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.relu = relu
         ctx.check = check
         ctx.stats_mode = stats_mode
+        ctx.shift = shift[0] if shift is not None else None
         return output
 
     @staticmethod
@@ -267,6 +305,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         input, weight, bias, mean, invstd, scale = ctx.saved_tensors
         channels = input.size(1)
+        if ctx.shift is not None:
+            ctx.shift.stepped = True  # the next forward starts a step
         if ctx.check is not None:
             ctx.check(ctx.group, 1, channels, grad_output.dtype,
                       ctx.stats_mode, grad_output.device)
@@ -295,7 +335,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = sums[:channels].to(bias.dtype)
         return (grad_input, grad_weight, grad_bias, None, None, None, None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 @NORM_LAYERS.register_module(name='MMSyncBN')
@@ -385,6 +425,12 @@ class SyncBatchNorm(_BatchNorm):
         self.subgroup_size = group_size
         self.check_sync = check_sync
         self._sync_check = SyncCheck()
+        # How many training batches the running statistics skipped because
+        # their statistics were not finite; not saved in checkpoints.
+        self.register_buffer(
+            NONFINITE,
+            torch.zeros((), dtype=torch.long, device=device),
+            persistent=False)
         if group_size is not None and dist.is_available(
         ) and dist.is_initialized():
             sync_subgroup(group_size)  # a bad size fails at build time
@@ -455,6 +501,10 @@ class SyncBatchNorm(_BatchNorm):
         if (tracking and recompute is None
                 and self.num_batches_tracked is not None):
             self.num_batches_tracked.add_(1)
+        shift = stats_shift(self, group_size)
+        if shift is not None:
+            site = None if recompute is not None else shift.site(group)
+            shift = (shift, site)
         return SyncBatchNormFunction.apply(
             input, self.weight, self.bias,
             self.running_mean if tracking else None,
@@ -462,7 +512,7 @@ class SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked if tracking else None, self.momentum,
             self.eps, group if group_size > 1 else None, group_size,
             self.stats_mode, self.act == 'relu', check, recompute, keep,
-            stats_shift(self, group_size) if recompute is None else None)
+            shift, self._buffers.get(NONFINITE) if tracking else None)
 
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, group_size={self.group_size}, '
