@@ -39,8 +39,7 @@ from ..registry import NORM_LAYERS
 from ..utils import load_ext
 from .sync_bn_comm import (STATS_MODES, SyncCheck, check_sync_enabled,
                            group_stats, group_sum, stats_shift, sync_subgroup)
-from .sync_bn_recompute import (StatsRecord, find_record, keep_record,
-                                pick_record)
+from .sync_bn_recompute import StatsRecord, find_record
 
 # The buffer counting the batches skipped for non-finite statistics.
 NONFINITE = 'nonfinite_batches'
@@ -251,10 +250,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if recompute is not None:
             # Activation checkpointing runs this forward again: the first
             # run's global statistics, no collective, no running-stat update.
-            row = None
-            if len(recompute) > 1:
-                row = ext_module.sync_bn_forward_stats(input, by_count)
-            record = pick_record(recompute, row)
+            record = recompute.pick(
+                lambda: ext_module.sync_bn_forward_stats(input, by_count))
             mean, invstd, scale = record.mean, record.invstd, record.scale
         else:
             if check is not None:
@@ -288,7 +285,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 _skip_nonfinite(mean, invstd, running_mean, running_var,
                                 before, num_batches_tracked, nonfinite)
             if keep is not None:
-                keep_record(keep, StatsRecord(row, count, mean, invstd, scale))
+                keep(StatsRecord(row, count, mean, invstd, scale))
         output = ext_module.sync_bn_forward_output(input, mean, invstd, weight,
                                                    bias, relu)
         ctx.save_for_backward(input, weight, bias, mean, invstd, scale)
