@@ -29,10 +29,10 @@ calls of the layer per segment, equal inputs too):
   group is named after: its records, in order;
 - otherwise, the recomputes of one segment run inside one node's backward,
   in call order: after a record of a group comes that group's next record;
-- a recompute that starts a segment takes the group whose first record's
-  local statistics are nearest its own (equal for a deterministic
-  recompute); among equal ones, one not yet recomputed in this backward,
-  then the latest (autograd recomputes later segments first).
+- a recompute that starts a segment takes the record whose local
+  statistics are nearest its own (equal for a deterministic recompute);
+  among equal ones, one not yet recomputed in this backward, then the first
+  of a group, then the latest (autograd recomputes later segments first).
 
 At most ``MAX_RECORDS`` records are kept per layer at a time: a forward
 beyond that raises (on every rank alike, since every rank makes the same
@@ -64,7 +64,7 @@ class StatsRecord:
     """What a recompute of one forward needs: its local statistics row (to
     tell segments apart) and the global mean, invstd and gradient scale."""
 
-    __slots__ = ('row', 'count', 'mean', 'invstd', 'scale', 'used')
+    __slots__ = ('row', 'count', 'mean', 'invstd', 'scale', 'used', 'task')
 
     def __init__(self, row: torch.Tensor, count: int, mean: torch.Tensor,
                  invstd: torch.Tensor, scale: torch.Tensor):
@@ -74,18 +74,18 @@ class StatsRecord:
         self.invstd = invstd
         self.scale = scale
         self.used = False
+        self.task = None  # the backward that last recomputed it
 
 
 class _Group:
     """The records of one layer in one checkpointed segment, in call
     order, alive while the segment's ``owner`` is."""
 
-    __slots__ = ('owner', 'records', 'task')
+    __slots__ = ('owner', 'records')
 
     def __init__(self, owner):
         self.owner = weakref.ref(owner)
         self.records: List[StatsRecord] = []
-        self.task = None  # the backward that last recomputed it
 
 
 class _Cursor:
@@ -130,8 +130,11 @@ def in_backward() -> bool:
 
 
 def _function_ctx():
-    """The node of the innermost custom autograd Function whose forward is
-    running (a reentrant checkpoint's), found on the call stack."""
+    """The node of the outermost custom autograd Function whose forward is
+    running (a reentrant checkpoint's), found on the call stack: nested in
+    it, an inner checkpoint runs under no_grad, so its node is dropped at
+    once and only the outer one is recomputed by the backward."""
+    found = None
     frame = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
@@ -139,9 +142,9 @@ def _function_ctx():
                 and code.co_varnames[0] == 'ctx'):
             ctx = frame.f_locals.get('ctx')
             if isinstance(ctx, _FunctionCtx):
-                return ctx
+                found = ctx
         frame = frame.f_back
-    return None
+    return found
 
 
 def _segment_owner():
@@ -193,25 +196,23 @@ class Recompute:
                 or not self._fits(group.records[index])):
             group, index = self._start(task, local_row)
         record = group.records[index]
-        group.task = task
-        record.used = True
+        record.task, record.used = task, True
         _cursors[self.module] = _Cursor(task, node, group, index)
         return record
 
     def _start(self, task, local_row):
-        """The group (and index) whose segment this recompute starts: one
-        whose first record fits, else any record that fits."""
-        found = [(g, 0) for g in self.groups if self._fits(g.records[0])]
-        if not found:
-            found = [(g, i) for g in self.groups
-                     for i, r in enumerate(g.records) if self._fits(r)]
+        """The group and index of the record whose segment this recompute
+        starts: the nearest local statistics; among equal ones, a record
+        not used in this backward, a group's first, the latest."""
+        found = [(g, i) for g in self.groups for i, r in enumerate(g.records)
+                 if self._fits(r)]
         if len(found) == 1:
             return found[0]
         row = local_row()
         distance = torch.stack([(g.records[i].row - row).abs().sum()
                                 for g, i in found]).tolist()
-        order = [(distance[k], g.task == task, -k)
-                 for k, (g, _) in enumerate(found)]
+        order = [(distance[k], g.records[i].task == task, i > 0, -k)
+                 for k, (g, i) in enumerate(found)]
         return found[order.index(min(order))]
 
 
