@@ -255,7 +255,9 @@ def check_checkpoints(cfg: Config) -> str:
                     f'loads; passed over: {"; ".join(skipped)}')
         return f'resuming from {path}'
     load_from = cfg.get('load_from')
-    if load_from and '://' not in load_from:
+    if load_from:
+        # A URL too: downloaded (http(s)) or read by mmengine, then checked
+        # under the same rule as a local file.
         setting = '--resume' if cfg.get('resume') else 'load_from'
         try:
             load_checkpoint_file(load_from, trust, check_only=True)
