@@ -8,13 +8,14 @@ from .checkpoint import (ATOMIC_BACKEND, AtomicLocalBackend, CheckpointError,
                          checkpoint_loading, checkpoint_safe_globals,
                          find_resume_checkpoint, load_checkpoint_file,
                          resume_candidates)
+from .hooks.nonfinite import NonFiniteBatchesHook
 from .preflight import LAUNCHERS, Plan, PreflightError, launch_env, preflight
 from .runner import MMSyncRunner, init_dist_from_env, sync_bn_options
 
 __all__ = [
     'ATOMIC_BACKEND', 'AtomicLocalBackend', 'CheckpointError', 'LAUNCHERS',
-    'MMSyncRunner', 'Plan', 'PreflightError', 'checkpoint_loading',
-    'checkpoint_safe_globals', 'find_resume_checkpoint', 'init_dist_from_env',
-    'launch_env', 'load_checkpoint_file', 'preflight', 'resume_candidates',
-    'sync_bn_options'
+    'MMSyncRunner', 'NonFiniteBatchesHook', 'Plan', 'PreflightError',
+    'checkpoint_loading', 'checkpoint_safe_globals', 'find_resume_checkpoint',
+    'init_dist_from_env', 'launch_env', 'load_checkpoint_file', 'preflight',
+    'resume_candidates', 'sync_bn_options'
 ]

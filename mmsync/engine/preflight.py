@@ -268,7 +268,8 @@ def check_checkpoints(cfg: Config) -> str:
 
 def check_start(cfg: Config, world_size: int) -> Tuple[List[str], str]:
     """The checks before anything is written: work dir, model, sub-groups
-    (in a distributed run), checkpoint. Sets ``cfg.load_from`` / ``cfg.resume`` to what is resumed.
+    (in a distributed run), checkpoint. Sets ``cfg.load_from`` /
+    ``cfg.resume`` to what is resumed.
 
     Returns:
         tuple[list[str], str]: The norm layers of the model and what is

@@ -105,7 +105,8 @@ def _register_fake_kernels():
 
 
 def _dense_layout(x: torch.Tensor) -> bool:
-    """Whether the kernels read ``x`` as it is (contiguous or channels last)."""
+    """Whether the kernels read ``x`` as it is (contiguous or channels
+    last)."""
     if x.is_contiguous():
         return True
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
@@ -165,8 +166,9 @@ def _skip_nonfinite(mean: torch.Tensor, invstd: torch.Tensor,
     rank, with tensor ops only: no host sync, CUDA-graph safe. An infinite
     variance gives invstd 0.
     """
-    finite = (torch.isfinite(mean).all() & torch.isfinite(invstd).all()
-              & (invstd > 0).all())
+    finite = (
+        torch.isfinite(mean).all() & torch.isfinite(invstd).all()
+        & (invstd > 0).all())
     running_mean.copy_(torch.where(finite, running_mean, before[0]))
     running_var.copy_(torch.where(finite, running_var, before[1]))
     skipped = (~finite).long()
@@ -508,8 +510,8 @@ class SyncBatchNorm(_BatchNorm):
             self.running_var if tracking else None,
             self.num_batches_tracked if tracking else None, self.momentum,
             self.eps, group if group_size > 1 else None, group_size,
-            self.stats_mode, self.act == 'relu', check, recompute, keep,
-            shift, self._buffers.get(NONFINITE) if tracking else None)
+            self.stats_mode, self.act == 'relu', check, recompute, keep, shift,
+            self._buffers.get(NONFINITE) if tracking else None)
 
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, group_size={self.group_size}, '

@@ -74,7 +74,6 @@ def gather_rows(tensor: torch.Tensor, group, group_size: int,
 # (q near 1 / the local batch) is never refused.
 REFINE_RATIO = 64.0
 
-
 # A layer called several times per step (a norm shared by the levels of a
 # feature pyramid) keeps one shift per call of the step, up to this many;
 # later calls share the last.

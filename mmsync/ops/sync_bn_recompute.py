@@ -188,8 +188,8 @@ class Recompute:
         owned = [g for g in self.groups if g.owner() is node]
         if owned:
             group = owned[0]
-            index = (cursor.index + 1
-                     if same_run and cursor.group is group else 0)
+            index = (
+                cursor.index + 1 if same_run and cursor.group is group else 0)
         elif same_run:
             group, index = cursor.group, cursor.index + 1
         if (group is None or index >= len(group.records)

@@ -123,8 +123,7 @@ def test_nan_on_a_refining_step_keeps_the_shift():
     for rank, steps in enumerate(results):
         for step in (1, 4):
             where = f'rank {rank} step {step}'
-            _assert_same(steps[step]['y'], _mine(want[step]['y'], rank),
-                         where)
+            _assert_same(steps[step]['y'], _mine(want[step]['y'], rank), where)
             _assert_same(steps[step]['dx'], _mine(want[step]['dx'], rank),
                          where)
 
@@ -138,8 +137,7 @@ def test_nonfinite_batches_leave_the_state_as_it_was(gather_max_ranks,
     running statistics and num_batches_tracked skip the batch on both
     ranks alike, the layer counts it in ``nonfinite_batches``, and the
     steps after it are exact (the shift was not poisoned)."""
-    results = run_distributed(_nonfinite_world, 2, gather_max_ranks,
-                              momentum)
+    results = run_distributed(_nonfinite_world, 2, gather_max_ranks, momentum)
     want = _oracle(momentum)
     for rank, steps in enumerate(results):
         for step, (got, ref) in enumerate(zip(steps, want)):

@@ -24,8 +24,8 @@ from mmengine.runner.checkpoint import _load_checkpoint
 from test_bad_input import check_one_line_error, dist_train
 from tools_launch import REPO, SYNC_CONFIG, accuracies, base_env, python, run
 
-from mmsync.engine import (CheckpointError, PreflightError,
-                           checkpoint_loading, load_checkpoint_file)
+from mmsync.engine import (CheckpointError, PreflightError, checkpoint_loading,
+                           load_checkpoint_file)
 from mmsync.engine.preflight import check_checkpoints
 
 MMPRETRAIN_CONFIG = osp.join(REPO, 'configs', 'mmpretrain',
@@ -153,8 +153,7 @@ def test_remote_crafted_checkpoint_is_refused(served, tmp_path, marker):
     assert url in message and '--trust-checkpoint' in message
     assert len(message.splitlines()) == 1
     assert not marker.exists()
-    write_crafted(tmp_path, 'other.pth', _Reduce(os.system,
-                                                 f'touch {marker}'))
+    write_crafted(tmp_path, 'other.pth', _Reduce(os.system, f'touch {marker}'))
     with checkpoint_loading(), pytest.raises(Exception, match='posix'):
         _load_checkpoint(f'{served}/other.pth', map_location='cpu')
     assert not marker.exists()

@@ -195,8 +195,8 @@ def _rebuild(cls: type, source: nn.Module, drop: Tuple[str, ...] = (),
     """An instance of ``cls`` holding ``source``'s state, without __init__.
 
     Parameters, buffers and submodules are shared (their dicts are copied,
-    not their tensors; hook dicts are shared, see ``_move_hooks``); ``drop`` names attributes left out, ``extra`` adds
-    attributes.
+    not their tensors; hook dicts are shared, see ``_move_hooks``);
+    ``drop`` names attributes left out, ``extra`` adds attributes.
     """
     target = cls.__new__(cls)
     state = {
