@@ -21,6 +21,10 @@ Nothing of input size is saved for backward besides the input itself.
 A forward that activation checkpointing recomputes during backward reuses
 the global statistics of the forward it repeats (``sync_bn_recompute``): no
 collective, no second running-stat update, bit-identical output.
+A batch whose global statistics are not finite leaves the running
+statistics, ``num_batches_tracked`` and the all_reduce path's shift as they
+were on every rank (decided from the reduced values with tensor ops: no host
+sync) and counts in the ``nonfinite_batches`` buffer.
 Under ``torch.compile`` dynamo turns both collectives into functional ones
 inside the graph (no graph break). ``MMSYNC_CHECK_SYNC=1`` adds one small
 all_gather before each collective to check that the ranks agree.
@@ -372,7 +376,8 @@ class SyncBatchNorm(_BatchNorm):
             world size. Excludes ``group``. Default: None (the whole group).
         check_sync (bool, optional): Before every collective, check that
             all ranks of the group are at the same call of the same layer
-            with the same channels, dtype and stats_mode, and raise the same
+            with the same channels, dtype and stats_mode and will run the
+            same kind of collective, and raise the same
             error on every rank when not (one small extra all_gather per
             collective, for debugging). ``None`` follows the environment
             variable ``MMSYNC_CHECK_SYNC``. With it, an invalid input on one
@@ -385,6 +390,12 @@ class SyncBatchNorm(_BatchNorm):
     A forward that activation checkpointing recomputes during backward
     reuses the statistics of the forward it repeats: no collective and no
     second running-stat update (see ``mmsync.ops.sync_bn_recompute``).
+
+    A training batch whose global statistics are not finite (an fp16
+    overflow, a bad sample) gives BatchNorm's output (NaN where the input
+    is) but leaves the running statistics and ``num_batches_tracked`` as
+    they were, where torch's BatchNorm makes them NaN for good; the
+    non-persistent buffer ``nonfinite_batches`` counts such batches.
     """
 
     def __init__(self,

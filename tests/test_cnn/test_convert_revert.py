@@ -388,3 +388,21 @@ class TestReviewFindings:
         model = revert_sync_batchnorm(model)
         assert type(model[0][0]) is nn.BatchNorm2d
         assert model[0][0] is model[1][0]
+
+    def test_converted_layers_count_nonfinite_batches(self):
+        """Item 2: every converted layer (torch's, a subclass) counts the
+        batches its running statistics skipped; reverting drops the
+        counter from a subclass that gets its own class back."""
+        model = nn.Sequential(nn.BatchNorm2d(3), _BoundHookBN(3))
+        model = convert_sync_batchnorm(model)
+        bad = torch.randn(4, 3, 2, 2)
+        bad[1, 2, 0, 0] = float('inf')
+        model(bad)
+        for layer in model:
+            assert int(layer.nonfinite_batches) == 1
+            assert int(layer.num_batches_tracked) == 0
+            assert torch.equal(layer.running_var, torch.ones(3))
+        model = revert_sync_batchnorm(model)
+        assert type(model[1]) is _BoundHookBN
+        assert 'nonfinite_batches' not in dict(model[1].named_buffers())
+        assert 'nonfinite_batches' not in dict(model[0].named_buffers())
