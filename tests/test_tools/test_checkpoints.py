@@ -170,6 +170,10 @@ def test_remote_checkpoint_loads_from_the_cache(served, tmp_path):
     assert torch.equal(loaded['state_dict']['w'], torch.arange(3.))
     cached = tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'w.pth'
     assert cached.is_file()
+    # What MMSyncRunner.load_checkpoint runs for a URL.
+    with checkpoint_loading():
+        again = _load_checkpoint(f'{served}/w.pth', map_location='cpu')
+    assert torch.equal(again['state_dict']['w'], torch.arange(3.))
     with pytest.raises(CheckpointError, match='cannot be downloaded'):
         load_checkpoint_file(f'{served}/missing.pth')
 
