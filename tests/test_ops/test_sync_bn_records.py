@@ -226,3 +226,36 @@ def test_no_record_without_a_checkpoint():
     del y
     assert records_of(layer) == []
     assert int(layer.num_batches_tracked) == 12
+
+
+@pytest.mark.parametrize('reentrant', [True, False])
+def test_a_second_backward_recomputes_again(reentrant):
+    """backward(retain_graph=True) twice: the second backward recomputes
+    the segment again from the same records (3 calls, the first and last
+    equal): gradients twice those of one backward, the batches counted
+    once each."""
+    torch.manual_seed(0)
+    layer = SyncBatchNorm(C).double()
+    base = torch.randn(4, C, 3, dtype=torch.float64)
+    xs = [base.clone(), base * 2 + 1, base.clone()]
+    xs = [x.requires_grad_() for x in xs]
+    ys = checkpoint(_run, layer, *xs, use_reentrant=reentrant)
+    loss = sum((y * (i + 1)).square().sum() for i, y in enumerate(ys))
+    if reentrant:
+        # The reentrant mode supports one backward per forward.
+        loss.backward()
+        first = [x.grad.clone() for x in xs]
+    else:
+        loss.backward(retain_graph=True)
+        first = [x.grad.clone() for x in xs]
+        loss.backward()
+        for x, g in zip(xs, first):
+            torch.testing.assert_close(x.grad, 2 * g)
+    assert int(layer.num_batches_tracked) == 3
+    ref = torch.nn.BatchNorm1d(C).double()
+    refs = [x.detach().clone().requires_grad_() for x in xs]
+    sum((ref(x) * (i + 1)).square().sum()
+        for i, x in enumerate(refs)).backward()
+    for x, g in zip(refs, first):
+        torch.testing.assert_close(g, x.grad)
+    torch.testing.assert_close(layer.running_var, ref.running_var)
