@@ -174,3 +174,24 @@ def test_nonfinite_world_one():
     assert int(layer.num_batches_tracked) == 2
     # Not part of the state_dict: checkpoints keep BatchNorm's keys.
     assert 'nonfinite_batches' not in layer.state_dict()
+
+
+def test_nonfinite_under_torch_compile_fullgraph():
+    """The rule is tensor ops only: torch.compile(fullgraph=True) traces
+    it without a graph break and keeps the state as eager does."""
+    from sync_bn_cases import no_compile_cache
+    eager = SyncBatchNorm(C, momentum=None).double()
+    layer = SyncBatchNorm(C, momentum=None).double()
+    x, _ = _batch(0)
+    bad = x.clone()
+    bad[2, 0, 1, 1] = float('nan')
+    with no_compile_cache():
+        compiled = torch.compile(layer, fullgraph=True)
+        for batch in (x, bad, x * 2):
+            torch.testing.assert_close(
+                compiled(batch), eager(batch), equal_nan=True)
+    for name in ('running_mean', 'running_var', 'num_batches_tracked',
+                 'nonfinite_batches'):
+        assert torch.equal(getattr(layer, name), getattr(eager, name)), name
+    assert int(layer.num_batches_tracked) == 2
+    assert int(layer.nonfinite_batches) == 1

@@ -9,6 +9,7 @@ as ``nonfinite_batches``, and an interval that skipped any adds a warning.
 """
 from typing import Optional
 
+import torch
 import torch.nn as nn
 from mmengine.hooks import Hook, LoggerHook
 
@@ -19,12 +20,15 @@ from ...registry import HOOKS
 def skipped_batches(model: nn.Module) -> int:
     """The batches skipped so far: the most any one MMSyncBN layer skipped
     (a NaN in the input reaches every later layer, each counts it once).
-    Reads the device once per layer."""
+    Reads the device once."""
     counts = [
-        int(m._buffers[NONFINITE]) for m in model.modules()
+        m._buffers[NONFINITE] for m in model.modules()
         if m._buffers.get(NONFINITE) is not None
     ]
-    return max(counts, default=0)
+    if not counts:
+        return 0
+    device = counts[0].device
+    return int(torch.stack([c.to(device) for c in counts]).max())
 
 
 @HOOKS.register_module()
