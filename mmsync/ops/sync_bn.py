@@ -158,7 +158,7 @@ def _once_differentiable(backward):
 
 def _skip_nonfinite(mean: torch.Tensor, invstd: torch.Tensor,
                     running_mean: torch.Tensor, running_var: torch.Tensor,
-                    before: torch.Tensor,
+                    before: Tuple[torch.Tensor, torch.Tensor],
                     num_batches_tracked: Optional[torch.Tensor],
                     nonfinite: Optional[torch.Tensor]) -> None:
     """Undo the running-stat update of a batch whose global statistics are
@@ -166,7 +166,7 @@ def _skip_nonfinite(mean: torch.Tensor, invstd: torch.Tensor,
     bad batch does not make every later evaluation NaN; count it in
     ``nonfinite`` instead of ``num_batches_tracked``.
 
-    ``before`` holds the running mean and variance as they were (2, C).
+    ``before`` holds the running mean and variance as they were.
     Decided from the group's reduced mean and invstd, identical on every
     rank, with tensor ops only: no host sync, CUDA-graph safe. An infinite
     variance gives invstd 0, whose reciprocal is not finite either.
@@ -282,7 +282,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # so that x - mean is exact when mean >> std.
             before = None
             if running_mean is not None:
-                before = torch.stack([running_mean, running_var])
+                before = (running_mean.clone(), running_var.clone())
             mean, invstd, scale = ext_module.sync_bn_forward_finalize(
                 stats, running_mean, running_var, num_batches_tracked,
                 momentum, eps, count, by_count, torch.float64)
