@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from mmengine.hooks import Hook, LoggerHook
+from mmengine.registry import HOOKS as ROOT_HOOKS
 
 from ...ops.sync_bn import NONFINITE
 from ...registry import HOOKS
@@ -31,7 +32,6 @@ def skipped_batches(model: nn.Module) -> int:
     return int(torch.stack([c.to(device) for c in counts]).max())
 
 
-@HOOKS.register_module()
 class NonFiniteBatchesHook(Hook):
     """Logs how many training batches had non-finite statistics.
 
@@ -73,3 +73,8 @@ class NonFiniteBatchesHook(Hook):
                 'last finite values; the outputs of those steps are NaN or '
                 'Inf where the inputs were (an fp16 overflow, a bad sample)')
         self.reported = total
+
+
+HOOKS.register_module(module=NonFiniteBatchesHook)
+# Downstream configs (default scope mmdet, mmseg, ...) name it bare.
+ROOT_HOOKS.register_module(module=NonFiniteBatchesHook, force=True)
