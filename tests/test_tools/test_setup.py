@@ -21,8 +21,9 @@ def test_build_py_has_no_warnings_about_the_sources(tmp_path):
         REPO,
         tree,
         symlinks=True,
-        ignore=shutil.ignore_patterns('build', '.git', 'work_dirs', 'data',
-                                      '*.so', '__pycache__', '*.egg-info'))
+        ignore=shutil.ignore_patterns('build', '.git', '.venv', '.dist_test',
+                                      'work_dirs', 'data', '*.so',
+                                      '__pycache__', '*.egg-info'))
     out = tmp_path / 'out'
     result = subprocess.run(
         [sys.executable, 'setup.py', 'build_py', '-d',
