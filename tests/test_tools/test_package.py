@@ -144,10 +144,15 @@ def sdist(tmp_path_factory):
                 tar.add(osp.join(REPO, name), name, recursive=False)
     with tarfile.open(root / 'tree.tar') as tar:
         tar.extractall(src, filter='tar')
-    run([sys.executable, 'setup.py', '-q', 'sdist', '-d',
+    built = subprocess.run(
+        [sys.executable, 'setup.py', '-q', 'sdist', '-d',
          str(root / 'dist')],
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=''))
+        cwd=src,
+        env=dict(os.environ, PYTHONPATH=''),
+        capture_output=True,
+        text=True,
+        timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
     (path, ) = glob.glob(str(root / 'dist' / 'mmsync-*.tar.gz'))
     return root, src, path
 
