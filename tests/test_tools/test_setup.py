@@ -67,8 +67,9 @@ def test_compiled_objects_are_up_to_date():
     build = osp.join(REPO, 'build', 'temp')
     # The ninja that built it: the environment's (pip's ninja package), not
     # another on the PATH, whose log format may differ.
-    ninja = (shutil.which('ninja', path=osp.dirname(sys.executable))
-             or shutil.which('ninja'))
+    ninja = (
+        shutil.which('ninja', path=osp.dirname(sys.executable))
+        or shutil.which('ninja'))
     if ninja is None or not osp.isfile(osp.join(build, 'build.ninja')):
         pytest.skip('no ninja build in build/temp: the extension was built '
                     'another way')
