@@ -46,7 +46,8 @@ def interface_of(local_addr: str) -> Optional[str]:
                 try:
                     packed = fcntl.ioctl(
                         s.fileno(), SIOCGIFADDR,
-                        struct.pack('256s', name.encode()[:15]))
+                        struct.pack('256s',
+                                    name.encode()[:15]))
                 except OSError:
                     continue  # an interface without an IPv4 address
             if socket.inet_ntoa(packed[20:24]) == local_addr:
@@ -55,8 +56,8 @@ def interface_of(local_addr: str) -> Optional[str]:
         with open('/proc/net/if_inet6', encoding='ascii') as f:
             for line in f:
                 fields = line.split()
-                if ipaddress.ip_address(
-                        int(fields[0], 16)) == ip and len(fields) == 6:
+                if ipaddress.ip_address(int(fields[0],
+                                            16)) == ip and len(fields) == 6:
                     return fields[5]
     return None
 

@@ -59,6 +59,14 @@ class Hosts:
         """The command prefix that runs a program on host ``index``."""
         return ['ip', 'netns', 'exec', self.names[index]]
 
+    def pids(self, index: int) -> List[int]:
+        """The processes running on host ``index``."""
+        out = subprocess.run(['ip', 'netns', 'pids', self.names[index]],
+                             capture_output=True,
+                             text=True,
+                             timeout=30).stdout
+        return [int(pid) for pid in out.split()]
+
     def cut_off(self, index: int) -> None:
         """Set host ``index``'s link down: its processes live on, unheard."""
         ip('-n', self.names[index], 'link', 'set', 'eth0', 'down')
