@@ -50,6 +50,7 @@ from mmengine.runner.checkpoint import _load_checkpoint_to_model
 from ..cnn import convert_sync_batchnorm
 from ..ops import SyncBatchNorm
 from ..registry import RUNNERS
+from ..utils.net import NetError, export_ifname
 from .checkpoint import (ATOMIC_BACKEND, checkpoint_loading,
                          find_resume_checkpoint, load_checkpoint_file)
 from .hooks import LivenessHook
@@ -243,6 +244,13 @@ class MMSyncRunner(Runner):
     def setup_env(self, env_cfg: Dict) -> None:
         if self.distributed and not dist.is_initialized():
             os.environ.update(launch_env(self.launcher))
+            if (self.launcher == 'slurm'
+                    and int(os.environ.get('SLURM_NNODES', 1)) > 1):
+                # srun starts train.py itself: no launcher script set these.
+                try:
+                    export_ifname(os.environ['MASTER_ADDR'])
+                except NetError as e:
+                    exit_on(PreflightError(str(e)))
             init_dist_from_env(**env_cfg.get('dist_cfg', {}))
         super().setup_env(env_cfg)
 

@@ -55,10 +55,11 @@ class Nodes:
                     self.hosts.prefix(index) + cmd,
                     cwd=REPO,
                     env=device_env(
-                        'cpu',
-                        NODE_RANK=str(index),
-                        PYTHONPATH=os.pathsep.join([REPO, HERE]),
-                        **env),
+                        'cpu', **{
+                            'NODE_RANK': str(index),
+                            'PYTHONPATH': os.pathsep.join([REPO, HERE]),
+                            **env
+                        }),
                     stdout=out,
                     stderr=subprocess.STDOUT))
 
@@ -295,7 +296,7 @@ def test_long_rank_0_evaluation_is_no_loss(tmp_path):
             tmp_path / 'work',
             2,
             '--cfg-options',
-            'train_cfg.max_epochs=1',
+            'train_cfg.max_epochs=2',
             'train_dataloader.dataset.indices=64',
             config=str(config)),
         timeout=300,
