@@ -53,7 +53,7 @@ from ..registry import RUNNERS
 from ..utils.net import NetError, export_ifname
 from .checkpoint import (ATOMIC_BACKEND, checkpoint_loading,
                          find_resume_checkpoint, load_checkpoint_file)
-from .hooks import LivenessHook
+from .hooks import LivenessHook, WorldSizeHook
 from .preflight import (PreflightError, check_splits, check_start, launch_env,
                         one_line)
 from .summary import FileOnly, RunSummaryHook
@@ -298,11 +298,12 @@ class MMSyncRunner(Runner):
                        custom_hooks: Optional[List] = None) -> None:
         """Register the hooks; a CheckpointHook that writes local files
         with mmengine's default backend writes them atomically; a
-        RunSummaryHook and a LivenessHook (``liveness=dict(timeout=60)``,
+        RunSummaryHook, a WorldSizeHook and a LivenessHook (``liveness=dict(timeout=60)``,
         None for none) unless the config has them."""
         super().register_hooks(default_hooks, custom_hooks)
-        if not any(isinstance(hook, RunSummaryHook) for hook in self.hooks):
-            self.register_hook(RunSummaryHook())
+        for hook_type in (RunSummaryHook, WorldSizeHook):
+            if not any(isinstance(hook, hook_type) for hook in self.hooks):
+                self.register_hook(hook_type())
         liveness = self.cfg.get('liveness', {})
         if liveness is not None and not any(
                 isinstance(hook, LivenessHook) for hook in self.hooks):

@@ -20,7 +20,8 @@ from typing import Callable, List
 import pytest
 from conftest import device_env
 from netns import address, simulated_hosts, unavailable
-from tools_launch import REPO, SYNC_CONFIG, accuracies, free_port, run
+from tools_launch import (REPO, SYNC_CONFIG, accuracies, free_port, python,
+                          run, scalars, short_run_options)
 
 HERE = osp.dirname(osp.abspath(__file__))
 CONFIG_5E = osp.join(REPO, 'configs', 'resnet_tiny',
@@ -201,6 +202,8 @@ def finished_at_smaller_world(hosts: Nodes, work_dir) -> None:
         assert hosts.wait(index, 300) == 0, hosts.out(index)[-3000:]
     log = ''.join(hosts.out(index) for index in range(2))
     assert re.search(r'start: 2 processes on CPU, .*resumed at epoch', log)
+    assert ('world size 3 -> 2 since the checkpoint: the train set splits '
+            'over 2 processes, 32 samples each: total batch 96 -> 64' in log)
     assert accuracies(str(work_dir))[-1] >= 97
 
 
@@ -308,3 +311,28 @@ def test_long_rank_0_evaluation_is_no_loss(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'mmsync: error' not in result.stderr
     assert 'liveness: a lost peer ends every rank within 5 s' in result.stdout
+
+
+def test_resume_at_another_world_scales_the_lr(tmp_path):
+    """A run of 2 processes with auto_scale_lr resumed by 1 process: the
+    log says what changed and the learning rate halves with the total
+    batch (mmengine alone would bring back the rate of 2 processes)."""
+    work_dir = tmp_path / 'work'
+    options = ['auto_scale_lr.enable=True', 'auto_scale_lr.base_batch_size=16']
+    run(dist_train(
+        work_dir,
+        2,
+        *short_run_options('float64', 8, max_epochs=1),
+        *options,
+        config=SYNC_CONFIG),
+        env=device_env('cpu', PORT=str(free_port())))
+    before = [r['lr'] for r in scalars(str(work_dir)) if 'lr' in r][-1]
+    result = run(
+        python('train.py', SYNC_CONFIG, '--work-dir', str(work_dir),
+               '--resume', *short_run_options('float64', 8), *options),
+        env=device_env('cpu'))
+    assert ('world size 2 -> 1 since the checkpoint: the train set splits '
+            'over 1 processes, 8 samples each: total batch 16 -> 8; '
+            'learning rate x0.5 (auto_scale_lr)') in result.stdout
+    after = [r['lr'] for r in scalars(str(work_dir)) if 'lr' in r][0]
+    assert after == pytest.approx(before / 2, rel=0.05)
