@@ -14,6 +14,11 @@ default_hooks = dict(
     sampler_seed=dict(type='DistSamplerSeedHook'),
 )
 
+# The train log line shows how many batches MMSyncBN's running statistics
+# skipped for non-finite statistics (an fp16 overflow, a bad sample), with a
+# warning in an interval that skipped any (mmsync.engine).
+custom_hooks = [dict(type='NonFiniteBatchesHook')]
+
 env_cfg = dict(
     cudnn_benchmark=False,
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),

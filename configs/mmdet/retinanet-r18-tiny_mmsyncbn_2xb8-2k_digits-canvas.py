@@ -6,7 +6,7 @@
 # custom_imports, runner_type and norm_cfg. It trains with mmdet's own
 # tools/train.py under torchrun (2 processes, on CPU too):
 #   python tools/misc/digits_on_canvas.py data/digits_canvas
-#   MMDET=$(python -c 'import mmdet, os; print(os.path.dirname(mmdet.__file__))')
+#   MMDET=$(python -c 'import mmdet, os; print(os.path.dirname(mmdet.__file__))')  # noqa: E501
 #   torchrun --nproc_per_node 2 $MMDET/.mim/tools/train.py configs/mmdet/retinanet-r18-tiny_mmsyncbn_2xb8-2k_digits-canvas.py --launcher pytorch  # noqa: E501
 # Needs mmcv's full build (its nms), mmdet 3.3 (tools/setup/setup_downstream.sh).
 _base_ = ['mmdet::_base_/default_runtime.py']

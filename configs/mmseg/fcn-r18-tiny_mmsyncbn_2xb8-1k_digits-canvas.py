@@ -6,7 +6,7 @@
 # mmsync lines are custom_imports, runner_type and norm_cfg. It trains with
 # mmseg's own tools/train.py under torchrun (2 processes, on CPU too):
 #   python tools/misc/digits_on_canvas.py data/digits_canvas
-#   MMSEG=$(python -c 'import mmseg, os; print(os.path.dirname(mmseg.__file__))')
+#   MMSEG=$(python -c 'import mmseg, os; print(os.path.dirname(mmseg.__file__))')  # noqa: E501
 #   torchrun --nproc_per_node 2 $MMSEG/.mim/tools/train.py configs/mmseg/fcn-r18-tiny_mmsyncbn_2xb8-1k_digits-canvas.py --launcher pytorch  # noqa: E501
 # Needs mmcv's full build, mmseg 1.2 (tools/setup/setup_downstream.sh).
 _base_ = ['mmseg::_base_/default_runtime.py']

@@ -12,7 +12,7 @@ from .checkpoint import (ATOMIC_BACKEND, AtomicLocalBackend, CheckpointError,
                          find_resume_checkpoint, load_checkpoint_file,
                          resume_candidates)
 from .fsdp import fully_shard_norms, norm_wrap_policy
-from .hooks import PreciseBNHook, update_bn_stats
+from .hooks import NonFiniteBatchesHook, PreciseBNHook, update_bn_stats
 from .preflight import LAUNCHERS, Plan, PreflightError, launch_env, preflight
 from .runner import MMSyncRunner, init_dist_from_env, sync_bn_options
 from .strategies import MMSyncDDPStrategy, MMSyncFSDPStrategy
@@ -20,10 +20,10 @@ from .summary import RunSummaryHook
 
 __all__ = [
     'ATOMIC_BACKEND', 'AtomicLocalBackend', 'CheckpointError', 'LAUNCHERS',
-    'MMSyncDDPStrategy', 'MMSyncFSDPStrategy', 'MMSyncRunner', 'Plan',
-    'PreciseBNHook', 'PreflightError', 'RunSummaryHook', 'checkpoint_loading',
-    'checkpoint_safe_globals', 'find_resume_checkpoint', 'fully_shard_norms',
-    'init_dist_from_env', 'launch_env', 'load_checkpoint_file',
-    'norm_wrap_policy', 'preflight', 'resume_candidates', 'sync_bn_options',
-    'update_bn_stats'
+    'MMSyncDDPStrategy', 'MMSyncFSDPStrategy', 'MMSyncRunner',
+    'NonFiniteBatchesHook', 'Plan', 'PreciseBNHook', 'PreflightError',
+    'RunSummaryHook', 'checkpoint_loading', 'checkpoint_safe_globals',
+    'find_resume_checkpoint', 'fully_shard_norms', 'init_dist_from_env',
+    'launch_env', 'load_checkpoint_file', 'norm_wrap_policy', 'preflight',
+    'resume_candidates', 'sync_bn_options', 'update_bn_stats'
 ]

@@ -12,6 +12,14 @@ refused, naming the global it asked for; ``trust=True`` (``--trust-checkpoint``
 of the tools, ``trust_checkpoint=True`` in a config) loads it with full
 unpickling.
 
+Remote checkpoints (``load_from='https://...'`` or any other ``://``
+backend) load under the same rule: an http(s) file is downloaded to
+torch.hub's cache (``<hub dir>/checkpoints``, where mmengine puts it too)
+and loaded from there like a local file; the other backends are read by
+mmengine inside :func:`checkpoint_loading`, which forces every
+``torch.load`` to weights-only, also those that pass ``weights_only=False``
+(torch.hub's, which mmengine's http loader calls).
+
 Writing: :class:`AtomicLocalBackend` puts a file under its final name only
 once it is complete, so a full disk or a killed job never leaves a truncated
 checkpoint that looks like a good one.
@@ -27,6 +35,7 @@ import os
 import os.path as osp
 import pickle
 import re
+import urllib.parse
 from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -40,6 +49,9 @@ TRUST_HINT = ('if you trust where it comes from, pass --trust-checkpoint (or '
               'unpickling (which can run any code)')
 # Read by torch.load when its caller (mmengine) does not pass weights_only.
 NO_WEIGHTS_ONLY = 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'
+# Read by torch.load always: weights-only even where the caller passes
+# weights_only=False.
+WEIGHTS_ONLY = 'TORCH_FORCE_WEIGHTS_ONLY_LOAD'
 ATOMIC_BACKEND = 'atomic_local'
 
 
@@ -89,26 +101,98 @@ def checkpoint_safe_globals() -> List:
 
 
 @contextlib.contextmanager
-def checkpoint_loading(trust: bool = False) -> Iterator[None]:
-    """Make every ``torch.load`` inside (mmengine's too) load checkpoints
-    safely, or with full unpickling when ``trust`` is set."""
-    if not trust:
-        with torch.serialization.safe_globals(checkpoint_safe_globals()):
-            yield
-        return
-    before = os.environ.get(NO_WEIGHTS_ONLY)
-    os.environ[NO_WEIGHTS_ONLY] = '1'
+def _environ(**values: Optional[str]) -> Iterator[None]:
+    """Set (or unset, for None) environment variables inside."""
+    before = {name: os.environ.get(name) for name in values}
     try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         yield
     finally:
-        if before is None:
-            os.environ.pop(NO_WEIGHTS_ONLY, None)
-        else:
-            os.environ[NO_WEIGHTS_ONLY] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def checkpoint_loading(trust: bool = False) -> Iterator[None]:
+    """Make every ``torch.load`` inside (mmengine's and torch.hub's too,
+    whatever ``weights_only`` they pass) load checkpoints safely, or with
+    full unpickling when ``trust`` is set."""
+    if not trust:
+        with _environ(**{WEIGHTS_ONLY: '1', NO_WEIGHTS_ONLY: None}), \
+                torch.serialization.safe_globals(checkpoint_safe_globals()):
+            yield
+        return
+    with _environ(**{NO_WEIGHTS_ONLY: '1'}):
+        yield
+
+
+def is_http(path: str) -> bool:
+    """Whether ``path`` is an http(s) URL."""
+    return str(path).startswith(('http://', 'https://'))
+
+
+def fetch_checkpoint(url: str) -> str:
+    """Download an http(s) checkpoint to torch.hub's cache, unless it is
+    there already, without unpickling it.
+
+    Returns:
+        str: The local file, ``<torch.hub.get_dir()>/checkpoints/<name>``.
+
+    Raises:
+        CheckpointError: The URL and why it cannot be downloaded.
+    """
+    name = osp.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise CheckpointError(f'checkpoint {url!r} names no file')
+    local = osp.join(torch.hub.get_dir(), 'checkpoints', name)
+    if not osp.isfile(local):
+        try:
+            os.makedirs(osp.dirname(local), exist_ok=True)
+            torch.hub.download_url_to_file(url, local, progress=False)
+        except Exception as e:
+            raise CheckpointError(
+                f'checkpoint {url!r} cannot be downloaded: '
+                f'{type(e).__name__}: {_one_line(str(e))}') from None
+    return local
+
+
+def _load_remote(path: str, trust: bool, map_location: Any) -> Any:
+    """A checkpoint of another ``://`` backend, read by mmengine."""
+    from mmengine.runner.checkpoint import _load_checkpoint
+    try:
+        with checkpoint_loading(trust):
+            return _load_checkpoint(path, map_location=map_location)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f'checkpoint {path!r} refused: {_refusal(e)}; {TRUST_HINT}'
+        ) from None
+    except Exception as e:
+        raise CheckpointError(
+            f'checkpoint {path!r} cannot be read: {type(e).__name__}: '
+            f'{_one_line(str(e))}') from None
 
 
 def _one_line(text: str) -> str:
     return ' '.join(text.split())
+
+
+def _refusal(error: pickle.UnpicklingError) -> str:
+    """Why torch's weights-only unpickler refused a file, in a few words."""
+    found = re.search(r'WeightsUnpickler error:(.*?)(Check the doc|$)',
+                      str(error), re.DOTALL)
+    reason = _one_line(found.group(1) if found else str(error))
+    asked = re.search(r'GLOBAL (\S+?(\(.*?\))?)(\s|$)', reason)
+    if asked:
+        reason = (f'it asks for the global {asked.group(1)}, which '
+                  'checkpoints of mmsync and mmengine do not need')
+    return reason
 
 
 def load_checkpoint_file(path: str,
@@ -118,7 +202,9 @@ def load_checkpoint_file(path: str,
     """Load a checkpoint on CPU, or say in one line why it cannot be.
 
     Args:
-        path (str): The checkpoint file.
+        path (str): The checkpoint file, or its URL: http(s) is downloaded
+            to torch.hub's cache first, another ``://`` backend is read by
+            mmengine, both under the same rule.
         trust (bool): Load with full unpickling. Default: False.
         check_only (bool): Map the tensors' storage instead of reading it
             (zip checkpoints), for a cheap check that the file is complete
@@ -133,12 +219,17 @@ def load_checkpoint_file(path: str,
         CheckpointError: The path and the reason: missing, empty, truncated
             or not a torch file, or refused for the global it asks for.
     """
+    name = path
+    if is_http(path):
+        path = fetch_checkpoint(path)
+    elif '://' in str(path):
+        return _load_remote(path, trust, map_location)
     if not osp.isfile(path):
-        raise CheckpointError(f'checkpoint {path!r} not found')
+        raise CheckpointError(f'checkpoint {name!r} not found')
     size = osp.getsize(path)
     if size == 0:
         raise CheckpointError(
-            f'checkpoint {path!r} is empty (0 bytes), as a run that stopped '
+            f'checkpoint {name!r} is empty (0 bytes), as a run that stopped '
             'while writing it leaves it')
     with open(path, 'rb') as f:
         is_zip = f.read(2) == b'PK'
@@ -150,20 +241,14 @@ def load_checkpoint_file(path: str,
                 weights_only=not trust,
                 mmap=check_only and is_zip)
     except pickle.UnpicklingError as e:
-        found = re.search(r'WeightsUnpickler error:(.*?)(Check the doc|$)',
-                          str(e), re.DOTALL)
-        reason = _one_line(found.group(1) if found else str(e))
-        asked = re.search(r'GLOBAL (\S+?(\(.*?\))?)(\s|$)', reason)
-        if asked:
-            reason = (f'it asks for the global {asked.group(1)}, which '
-                      'checkpoints of mmsync and mmengine do not need')
         raise CheckpointError(
-            f'checkpoint {path!r} refused: {reason}; {TRUST_HINT}') from None
+            f'checkpoint {name!r} refused: {_refusal(e)}; {TRUST_HINT}'
+        ) from None
     except Exception as e:
         # The first sentence: torch adds a paragraph of guesses to it.
         detail = _one_line(str(e)).split('. ')[0] or 'no detail'
         raise CheckpointError(
-            f'checkpoint {path!r} ({size} bytes) cannot be read: '
+            f'checkpoint {name!r} ({size} bytes) cannot be read: '
             f'{type(e).__name__}: {detail}; a run that stopped while writing '
             'it, or a full disk, leaves such a file') from None
 

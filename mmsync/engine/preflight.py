@@ -255,7 +255,9 @@ def check_checkpoints(cfg: Config) -> str:
                     f'loads; passed over: {"; ".join(skipped)}')
         return f'resuming from {path}'
     load_from = cfg.get('load_from')
-    if load_from and '://' not in load_from:
+    if load_from:
+        # A URL too: downloaded (http(s)) or read by mmengine, then checked
+        # under the same rule as a local file.
         setting = '--resume' if cfg.get('resume') else 'load_from'
         try:
             load_checkpoint_file(load_from, trust, check_only=True)
@@ -266,7 +268,8 @@ def check_checkpoints(cfg: Config) -> str:
 
 def check_start(cfg: Config, world_size: int) -> Tuple[List[str], str]:
     """The checks before anything is written: work dir, model, sub-groups
-    (in a distributed run), checkpoint. Sets ``cfg.load_from`` / ``cfg.resume`` to what is resumed.
+    (in a distributed run), checkpoint. Sets ``cfg.load_from`` /
+    ``cfg.resume`` to what is resumed.
 
     Returns:
         tuple[list[str], str]: The norm layers of the model and what is

@@ -21,6 +21,10 @@ Nothing of input size is saved for backward besides the input itself.
 A forward that activation checkpointing recomputes during backward reuses
 the global statistics of the forward it repeats (``sync_bn_recompute``): no
 collective, no second running-stat update, bit-identical output.
+A batch whose global statistics are not finite leaves the running
+statistics, ``num_batches_tracked`` and the all_reduce path's shift as they
+were on every rank (decided from the reduced values with tensor ops: no host
+sync) and counts in the ``nonfinite_batches`` buffer.
 Under ``torch.compile`` dynamo turns both collectives into functional ones
 inside the graph (no graph break). ``MMSYNC_CHECK_SYNC=1`` adds one small
 all_gather before each collective to check that the ranks agree.
@@ -39,8 +43,10 @@ from ..registry import NORM_LAYERS
 from ..utils import load_ext
 from .sync_bn_comm import (STATS_MODES, SyncCheck, check_sync_enabled,
                            group_stats, group_sum, stats_shift, sync_subgroup)
-from .sync_bn_recompute import (StatsRecord, find_record, keep_record,
-                                pick_record)
+from .sync_bn_recompute import StatsRecord, find_record
+
+# The buffer counting the batches skipped for non-finite statistics.
+NONFINITE = 'nonfinite_batches'
 
 ext_module = load_ext('_ext', [
     'sync_bn_forward_stats', 'sync_bn_forward_finalize',
@@ -103,7 +109,8 @@ def _register_fake_kernels():
 
 
 def _dense_layout(x: torch.Tensor) -> bool:
-    """Whether the kernels read ``x`` as it is (contiguous or channels last)."""
+    """Whether the kernels read ``x`` as it is (contiguous or channels
+    last)."""
     if x.is_contiguous():
         return True
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
@@ -149,6 +156,31 @@ def _once_differentiable(backward):
     return wrapper
 
 
+def _skip_nonfinite(mean: torch.Tensor, invstd: torch.Tensor,
+                    running_mean: torch.Tensor, running_var: torch.Tensor,
+                    before: Tuple[torch.Tensor, torch.Tensor],
+                    num_batches_tracked: Optional[torch.Tensor],
+                    nonfinite: Optional[torch.Tensor]) -> None:
+    """Undo the running-stat update of a batch whose global statistics are
+    not finite (a NaN or Inf in any channel, an fp16 overflow), so that one
+    bad batch does not make every later evaluation NaN; count it in
+    ``nonfinite`` instead of ``num_batches_tracked``.
+
+    ``before`` holds the running mean and variance as they were.
+    Decided from the group's reduced mean and invstd, identical on every
+    rank, with tensor ops only: no host sync, CUDA-graph safe. An infinite
+    variance gives invstd 0, whose reciprocal is not finite either.
+    """
+    finite = torch.isfinite(torch.cat([mean, invstd.reciprocal()])).all()
+    torch.where(finite, running_mean, before[0], out=running_mean)
+    torch.where(finite, running_var, before[1], out=running_var)
+    skipped = torch.where(finite, 0, 1)
+    if num_batches_tracked is not None:
+        num_batches_tracked.sub_(skipped)
+    if nonfinite is not None:
+        nonfinite.add_(skipped)
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Autograd of synchronized BN: one collective each way.
 
@@ -174,7 +206,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                  check,
                  recompute=None,
                  keep=None,
-                 shift=None):
+                 shift=None,
+                 nonfinite=None):
         """ONNX (TorchScript exporter, training mode): one node
         ``mmsync::MMSyncBatchNorm`` with inputs X[, scale, B][, mean, var]
         and what a runtime needs to synchronize as attributes."""
@@ -213,7 +246,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 check: Optional[SyncCheck],
                 recompute=None,
                 keep=None,
-                shift=None) -> torch.Tensor:
+                shift=None,
+                nonfinite=None) -> torch.Tensor:
         if not _dense_layout(input):
             input = input.contiguous()
         by_count = stats_mode == 'N'
@@ -221,10 +255,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if recompute is not None:
             # Activation checkpointing runs this forward again: the first
             # run's global statistics, no collective, no running-stat update.
-            row = None
-            if len(recompute) > 1:
-                row = ext_module.sync_bn_forward_stats(input, by_count)
-            record = pick_record(recompute, row)
+            record = recompute.pick(
+                lambda: ext_module.sync_bn_forward_stats(input, by_count))
             mean, invstd, scale = record.mean, record.invstd, record.scale
         else:
             if check is not None:
@@ -235,8 +267,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # An ONNX export replaces this function by its symbolic node;
             # the traced run only needs local values.
             if group_size > 1 and not torch.onnx.is_in_onnx_export():
-                stats = group_stats(stats, group, group_size, shift,
-                                    'forward statistics')
+                state, site = shift if shift is not None else (None, 0)
+                stats = group_stats(stats, group, group_size, state,
+                                    'forward statistics', site)
             elif count == 1:
                 # Alone, this rank knows without reading the device; a group
                 # holding one value in all is caught by finalize (an error
@@ -247,11 +280,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # Merges the ranks' rows in rank order. mean and invstd stay
             # float64 (O(C)): the kernels split the mean into hi + lo parts
             # so that x - mean is exact when mean >> std.
+            before = None
+            if running_mean is not None:
+                before = (running_mean.clone(), running_var.clone())
             mean, invstd, scale = ext_module.sync_bn_forward_finalize(
                 stats, running_mean, running_var, num_batches_tracked,
                 momentum, eps, count, by_count, torch.float64)
+            if before is not None:
+                _skip_nonfinite(mean, invstd, running_mean, running_var,
+                                before, num_batches_tracked, nonfinite)
             if keep is not None:
-                keep_record(keep, StatsRecord(row, count, mean, invstd, scale))
+                keep(StatsRecord(row, count, mean, invstd, scale))
         output = ext_module.sync_bn_forward_output(input, mean, invstd, weight,
                                                    bias, relu)
         ctx.save_for_backward(input, weight, bias, mean, invstd, scale)
@@ -260,6 +299,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.relu = relu
         ctx.check = check
         ctx.stats_mode = stats_mode
+        ctx.shift = shift[0] if shift is not None else None
         return output
 
     @staticmethod
@@ -267,6 +307,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         input, weight, bias, mean, invstd, scale = ctx.saved_tensors
         channels = input.size(1)
+        if ctx.shift is not None:
+            ctx.shift.stepped = True  # the next forward starts a step
         if ctx.check is not None:
             ctx.check(ctx.group, 1, channels, grad_output.dtype,
                       ctx.stats_mode, grad_output.device)
@@ -295,7 +337,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = sums[:channels].to(bias.dtype)
         return (grad_input, grad_weight, grad_bias, None, None, None, None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 @NORM_LAYERS.register_module(name='MMSyncBN')
@@ -333,7 +375,8 @@ class SyncBatchNorm(_BatchNorm):
             world size. Excludes ``group``. Default: None (the whole group).
         check_sync (bool, optional): Before every collective, check that
             all ranks of the group are at the same call of the same layer
-            with the same channels, dtype and stats_mode, and raise the same
+            with the same channels, dtype and stats_mode and will run the
+            same kind of collective, and raise the same
             error on every rank when not (one small extra all_gather per
             collective, for debugging). ``None`` follows the environment
             variable ``MMSYNC_CHECK_SYNC``. With it, an invalid input on one
@@ -346,6 +389,12 @@ class SyncBatchNorm(_BatchNorm):
     A forward that activation checkpointing recomputes during backward
     reuses the statistics of the forward it repeats: no collective and no
     second running-stat update (see ``mmsync.ops.sync_bn_recompute``).
+
+    A training batch whose global statistics are not finite (an fp16
+    overflow, a bad sample) gives BatchNorm's output (NaN where the input
+    is) but leaves the running statistics and ``num_batches_tracked`` as
+    they were, where torch's BatchNorm makes them NaN for good; the
+    non-persistent buffer ``nonfinite_batches`` counts such batches.
     """
 
     def __init__(self,
@@ -385,6 +434,12 @@ class SyncBatchNorm(_BatchNorm):
         self.subgroup_size = group_size
         self.check_sync = check_sync
         self._sync_check = SyncCheck()
+        # How many training batches the running statistics skipped because
+        # their statistics were not finite; not saved in checkpoints.
+        self.register_buffer(
+            NONFINITE,
+            torch.zeros((), dtype=torch.long, device=device),
+            persistent=False)
         if group_size is not None and dist.is_available(
         ) and dist.is_initialized():
             sync_subgroup(group_size)  # a bad size fails at build time
@@ -455,14 +510,18 @@ class SyncBatchNorm(_BatchNorm):
         if (tracking and recompute is None
                 and self.num_batches_tracked is not None):
             self.num_batches_tracked.add_(1)
+        shift = stats_shift(self, group_size)
+        if shift is not None:
+            site = None if recompute is not None else shift.site(group)
+            shift = (shift, site)
         return SyncBatchNormFunction.apply(
             input, self.weight, self.bias,
             self.running_mean if tracking else None,
             self.running_var if tracking else None,
             self.num_batches_tracked if tracking else None, self.momentum,
             self.eps, group if group_size > 1 else None, group_size,
-            self.stats_mode, self.act == 'relu', check, recompute, keep,
-            stats_shift(self, group_size) if recompute is None else None)
+            self.stats_mode, self.act == 'relu', check, recompute, keep, shift,
+            self._buffers.get(NONFINITE) if tracking else None)
 
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, group_size={self.group_size}, '

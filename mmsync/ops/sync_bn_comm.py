@@ -26,7 +26,8 @@ CHECK_ENV = 'MMSYNC_CHECK_SYNC'
 # ring all_reduce takes a reduce-scatter and an all-gather step (measured at
 # world 2: 0.18 vs 0.27 ms alone, 10-25% of a training step), while the
 # gathered size grows with the group. MMSYNC_GATHER_MAX_RANKS overrides it.
-GATHER_MAX_RANKS = int(os.environ.get('MMSYNC_GATHER_MAX_RANKS', '8'))
+GATHER_ENV = 'MMSYNC_GATHER_MAX_RANKS'
+GATHER_MAX_RANKS = int(os.environ.get(GATHER_ENV, '8'))
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single; looked up
 # at each call, so that wrappers installed on torch.distributed see it.
@@ -73,19 +74,54 @@ def gather_rows(tensor: torch.Tensor, group, group_size: int,
 # (q near 1 / the local batch) is never refused.
 REFINE_RATIO = 64.0
 
+# A layer called several times per step (a norm shared by the levels of a
+# feature pyramid) keeps one shift per call of the step, up to this many;
+# later calls share the last.
+MAX_SITES = 16
+
 
 class StatsShift:
-    """The per-channel shift K of one layer's all_reduced statistics: the
-    group's mean of the layer's previous forward (float64, O(C)), identical
-    on every rank because every rank computes it from the same reduced
-    bytes. ``None`` (0) before the first forward and for a new process
-    group, which every rank of that group starts from alike."""
+    """The per-channel shifts K of one layer's all_reduced statistics: per
+    call of a training step (a call site), the group's mean of that call
+    in the previous step (float64, O(C)), identical on every rank because
+    every rank computes it from the same reduced bytes.
 
-    __slots__ = ('value', 'group')
+    A step ends where a backward runs through the layer: the next forward
+    is call 0 again. A site not seen yet starts from the shift of the call
+    before it, the first one from 0, as every rank of a new group does.
+    The group is held weakly: a destroyed group is not kept alive.
+    """
+
+    __slots__ = ('values', 'group', 'calls', 'stepped')
 
     def __init__(self):
-        self.value = None
+        self.values = []
         self.group = None
+        self.calls = 0
+        self.stepped = False
+
+    def site(self, group) -> int:
+        """The call site of a new forward in ``group``: forgets the shifts
+        of another (or a destroyed) group, and counts the calls of the step.
+        """
+        key = dist.group.WORLD if group is None else group
+        if self.group is None or self.group() is not key:
+            self.values, self.group = [], weakref.ref(key)
+            self.calls, self.stepped = 0, False
+        if self.stepped:
+            self.calls, self.stepped = 0, False
+        site = min(self.calls, MAX_SITES - 1)
+        self.calls += 1
+        return site
+
+    def get(self, site: int) -> Optional[torch.Tensor]:
+        """The shift of ``site``, or of the nearest call before it."""
+        values = self.values[:site + 1]
+        return next((v for v in reversed(values) if v is not None), None)
+
+    def put(self, site: int, value: torch.Tensor) -> None:
+        self.values.extend([None] * (site + 1 - len(self.values)))
+        self.values[site] = value
 
 
 # Held beside the layers, not in them (as the recompute records are): not
@@ -104,7 +140,7 @@ def stats_shift(module: torch.nn.Module,
         return None
     shift = _shifts.get(module)
     if shift is None:
-        shift = _shifts.setdefault(module, StatsShift())
+        shift = _shifts[module] = StatsShift()
     return shift
 
 
@@ -156,8 +192,11 @@ def _all_reduce(tensor: torch.Tensor, group, what: str) -> torch.Tensor:
     return tensor
 
 
-def reduce_stats(row: torch.Tensor, group, state: Optional[StatsShift],
-                 what: str) -> torch.Tensor:
+def reduce_stats(row: torch.Tensor,
+                 group,
+                 state: Optional[StatsShift],
+                 what: str,
+                 site: int = 0) -> torch.Tensor:
     """The group's statistics from this rank's row, in one all_reduce of
     3C+2 float64 values (O(C) at any group size), exact at any offset.
 
@@ -170,6 +209,8 @@ def reduce_stats(row: torch.Tensor, group, state: Optional[StatsShift],
     made once more around the mean just found: two all_reduces, then one
     again. Without a ``state`` (under torch.compile or CUDA graph capture,
     where no host decision may depend on the data) both sums always run.
+    The shift is kept per call ``site`` of the step; a channel whose mean
+    is not finite keeps the shift it had before this call.
 
     Returns:
         Tensor: the (1, 3C+2) row ``sync_bn_forward_finalize`` merges.
@@ -177,13 +218,9 @@ def reduce_stats(row: torch.Tensor, group, state: Optional[StatsShift],
     C = (row.numel() - 2) // 3
     shift = None
     if state is not None:
-        key = dist.group.WORLD if group is None else group
-        if state.group is not key:
-            state.value, state.group = None, key
-        if state.value is not None:
-            shift = state.value.to(row.device)
-    if shift is None:
-        shift = row.new_zeros(C)
+        shift = state.get(site)
+    shift = row.new_zeros(C) if shift is None else shift.to(row.device)
+    before = shift
     merged, far = _merged(
         _all_reduce(_shifted_moments(row, shift, C), group, what), shift, C)
     if state is None or bool(far.any()):
@@ -196,21 +233,26 @@ def reduce_stats(row: torch.Tensor, group, state: Optional[StatsShift],
             C)
     if state is not None:
         mean = shift + merged[0, 2 + C:2 + 2 * C]
-        # A non-finite batch (or an empty group) leaves the shift as it was.
+        # A non-finite batch (or an empty group) leaves the shift as it was
+        # before this call, not as refined from the non-finite sum.
         keep = torch.isfinite(mean) & (merged[0, 0] > 0)
-        state.value = torch.where(keep, mean, shift)
+        state.put(site, torch.where(keep, mean, before))
     return merged
 
 
-def group_stats(row: torch.Tensor, group, group_size: int,
-                state: Optional[StatsShift], what: str) -> torch.Tensor:
+def group_stats(row: torch.Tensor,
+                group,
+                group_size: int,
+                state: Optional[StatsShift],
+                what: str,
+                site: int = 0) -> torch.Tensor:
     """The forward statistics of a group for the finalize op, in one
     collective of O(C) values per rank: the ranks' rows gathered (merged in
     rank order: exact at any offset) in groups of up to
     ``GATHER_MAX_RANKS``, :func:`reduce_stats` beyond."""
     if group_size <= GATHER_MAX_RANKS:
         return gather_rows(row, group, group_size, what)
-    return reduce_stats(row, group, state, what)
+    return reduce_stats(row, group, state, what, site)
 
 
 def group_sum(tensor: torch.Tensor, group, group_size: int,
@@ -224,7 +266,8 @@ def group_sum(tensor: torch.Tensor, group, group_size: int,
 
 
 _CHECK_FIELDS = ('phase', 'layer', 'call', 'channels', 'dtype', 'stats_mode',
-                 'valid')
+                 'collective', 'valid')
+_COLLECTIVES = ('all_gather', 'all_reduce')
 _PHASES = ('forward', 'backward')
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _layer_ids = itertools.count()
@@ -234,7 +277,9 @@ class SyncCheck:
     """Opt-in check that every rank of a group makes the same call.
 
     Before each collective, the ranks exchange (phase, layer, call count,
-    channels, dtype, stats_mode, whether the input is valid) in one fixed-size all_gather; when any field differs, or a rank's
+    channels, dtype, stats_mode, which collective the rank will run, whether
+    the input is valid) in one fixed-size all_gather; when any field
+    differs (``MMSYNC_GATHER_MAX_RANKS`` set apart), or a rank's
     input is invalid, every rank raises the same RuntimeError listing each
     rank's values (the rank with the invalid input raises its own error),
     instead of pairing mismatched collectives (which hangs or mixes up
@@ -263,15 +308,16 @@ class SyncCheck:
     def _exchange(self, group, phase: int, channels: int, dtype: torch.dtype,
                   stats_mode: str, device: torch.device, valid: bool):
         self.calls[phase] += 1
+        size = dist.get_world_size(group)
         fields = [
             phase, self.layer, self.calls[phase], channels,
             _DTYPES.index(dtype) if dtype in _DTYPES else -1,
             STATS_MODES.index(stats_mode),
+            int(size > GATHER_MAX_RANKS),
             int(valid)
         ]
         # On the input's device: NCCL gathers CUDA tensors only.
         mine = torch.tensor(fields, device=device)
-        size = dist.get_world_size(group)
         try:
             table = _gather(mine, group, size).cpu()
         except RuntimeError as e:
@@ -296,10 +342,14 @@ class SyncCheck:
             if (table[:, i] != table[0, i]).any()
         ]
         if differ:
+            hint = ''
+            if 'collective' in differ:
+                hint = (f' (set {GATHER_ENV} alike on every rank: it chooses '
+                        'between them)')
             raise RuntimeError(
                 f'MMSyncBN consistency check ({CHECK_ENV}): the ranks of a '
                 f'group of {size} disagree on {", ".join(differ)} before a '
-                f'{_PHASES[phase]} collective: {rows}')
+                f'{_PHASES[phase]} collective{hint}: {rows}')
 
 
 def _describe(field: str, value: int):
@@ -311,6 +361,8 @@ def _describe(field: str, value: int):
         return repr(STATS_MODES[value])
     if field == 'valid':
         return bool(value)
+    if field == 'collective':
+        return _COLLECTIVES[value]
     return value
 
 

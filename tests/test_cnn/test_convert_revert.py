@@ -313,3 +313,96 @@ class TestHooksAndLazy:
         run = lazy()
         run(torch.randn(shape))  # initialized: a plain BatchNorm now
         assert type(convert_sync_batchnorm(run)) is SyncBatchNorm
+
+
+class TestReviewFindings:
+    """Issue 29: what a second review of convert/revert found."""
+
+    @pytest.mark.filterwarnings('ignore:Using a non-full backward hook')
+    @pytest.mark.parametrize('legacy', [False, True])
+    def test_backward_hooks_survive_convert_and_revert(self, legacy):
+        """Finding 4: a full backward hook (and a legacy one) kept running
+        on the new layer; it used to be dropped silently."""
+        model = nn.Sequential(nn.BatchNorm2d(3))
+        calls = []
+
+        def hook(module, grad_input, grad_output):
+            calls.append(type(module).__name__)
+
+        if legacy:
+            model[0].register_backward_hook(hook)
+        else:
+            model[0].register_full_backward_hook(hook)
+        x = torch.randn(4, 3, 2, 2, requires_grad=True)
+        model = convert_sync_batchnorm(model)
+        model(x).sum().backward()
+        assert calls == ['SyncBatchNorm']
+        model = revert_sync_batchnorm(model)
+        model(x).sum().backward()
+        assert calls == ['SyncBatchNorm', 'BatchNorm2d']
+
+    def test_revert_a_lazy_layer_that_has_not_run(self):
+        """Finding 5: reverting a converted lazy layer before its first
+        forward gives a lazy local BatchNorm that runs (it crashed with
+        num_features=0, and would have become synchronizing again), and
+        the source lazy layer stays usable."""
+        source = nn.LazyBatchNorm2d(momentum=0.3)
+        layer = convert_sync_batchnorm(source)
+        reverted = revert_sync_batchnorm(layer)
+        x = torch.randn(4, 5, 2, 2, dtype=torch.float64)
+        y = reverted.double()(x)
+        assert not isinstance(reverted, SyncBatchNorm)
+        assert type(reverted) is nn.BatchNorm2d
+        assert reverted.num_features == 5 and reverted.momentum == 0.3
+        ref = nn.BatchNorm2d(5, momentum=0.3).double()
+        torch.testing.assert_close(y, ref(x))
+        torch.testing.assert_close(reverted.running_var, ref.running_var)
+        assert type(source.double()(x)) is torch.Tensor
+        assert source.num_features == 5
+        mine = convert_sync_batchnorm(nn.LazyBatchNorm2d())
+        assert type(revert_sync_batchnorm(mine)) is nn.LazyBatchNorm2d
+
+    def test_lazy_affine_false_keeps_dtype_and_device(self):
+        """Finding 6: without a weight, dtype and device come from the
+        running buffers (a float64 layer became float32, 'meta' became
+        cpu)."""
+        source = nn.LazyBatchNorm2d(affine=False, dtype=torch.float64)
+        layer = convert_sync_batchnorm(source)
+        layer(torch.randn(4, 3, 2, 2, dtype=torch.float64))
+        assert layer.running_mean.dtype == torch.float64
+        assert layer.running_var.dtype == torch.float64
+        meta = convert_sync_batchnorm(
+            nn.LazyBatchNorm2d(affine=False, device='meta'))
+        assert meta.running_mean.device.type == 'meta'
+        assert meta.nonfinite_batches.device.type == 'meta'
+
+    def test_a_layer_shared_by_two_parents_stays_one(self):
+        """Item 4: one BatchNorm held by two parents becomes one MMSyncBN
+        (it became two, each updating its own running statistics), and
+        reverts to one."""
+        bn = nn.BatchNorm2d(3)
+        model = nn.Sequential(nn.Sequential(bn), nn.Sequential(bn))
+        model = convert_sync_batchnorm(model)
+        assert type(model[0][0]) is SyncBatchNorm
+        assert model[0][0] is model[1][0]
+        model = revert_sync_batchnorm(model)
+        assert type(model[0][0]) is nn.BatchNorm2d
+        assert model[0][0] is model[1][0]
+
+    def test_converted_layers_count_nonfinite_batches(self):
+        """Item 2: every converted layer (torch's, a subclass) counts the
+        batches its running statistics skipped; reverting drops the
+        counter from a subclass that gets its own class back."""
+        model = nn.Sequential(nn.BatchNorm2d(3), _BoundHookBN(3))
+        model = convert_sync_batchnorm(model)
+        bad = torch.randn(4, 3, 2, 2)
+        bad[1, 2, 0, 0] = float('inf')
+        model(bad)
+        for layer in model:
+            assert int(layer.nonfinite_batches) == 1
+            assert int(layer.num_batches_tracked) == 0
+            assert torch.equal(layer.running_var, torch.ones(3))
+        model = revert_sync_batchnorm(model)
+        assert type(model[1]) is _BoundHookBN
+        assert 'nonfinite_batches' not in dict(model[1].named_buffers())
+        assert 'nonfinite_batches' not in dict(model[0].named_buffers())

@@ -5,8 +5,8 @@ processes) and ``tools/test.py``, unchanged, on
 configs/mmpretrain/resnet18-cifar_mmsyncbn_2xb16-5e_digits-png.py as it is
 (but for the data folder and a short schedule): what MMSyncRunner gives from
 the config's ``runner_type`` alone. A run of 3 epochs on half of the digits
-is shared by the tests (every other image). Needs mmpretrain (the second environment,
-.ci/cuda_env.sh).
+is shared by the tests (every other image). Needs mmpretrain (the second
+environment, .ci/cuda_env.sh).
 """
 import os
 import os.path as osp

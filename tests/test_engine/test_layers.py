@@ -17,7 +17,8 @@ PACKAGE = osp.dirname(osp.abspath(mmsync.__file__))
 ALLOWED = {
     'registry': set(),
     'version': set(),
-    'utils': set(),
+    # (_build_info: written by setup.py beside _ext, imports nothing)
+    'utils': {'_build_info'},
     'ops': {'registry', 'utils'},
     'cnn': {'registry', 'utils', 'ops'},
     'datasets': {'registry'},

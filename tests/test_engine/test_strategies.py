@@ -39,7 +39,12 @@ def unwrapped_state(model: torch.nn.Module) -> dict:
             return unwrapped_state(model.module)
     module = getattr(model, 'module', model)
     state = dict(module.named_parameters())
-    state.update(module.named_buffers())
+    # Persistent buffers (MMSyncBN's count of skipped batches is no state).
+    for prefix, sub in module.named_modules():
+        state.update(
+            (f'{prefix}.{name}' if prefix else name, buf)
+            for name, buf in sub._buffers.items()
+            if buf is not None and name not in sub._non_persistent_buffers_set)
     return {
         name.replace('_fsdp_wrapped_module.', ''): value.detach().clone()
         for name, value in state.items()

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmsync.cnn import convert_sync_batchnorm
 from mmsync.ops import SyncBatchNorm, sync_bn_comm
-from mmsync.ops.sync_bn_recompute import MAX_RECORDS, records_of
+from mmsync.ops.sync_bn_recompute import records_of
 
 BOUNDS = (0, 3, 8)  # rank 0 holds samples 0-2, rank 1 samples 3-7
 
@@ -213,30 +213,6 @@ def test_checkpointed_gradients_equal_the_global_batch():
             scale = 2 if 'bn' in name else 1
             torch.testing.assert_close(
                 grad * scale, want[name], rtol=1e-10, atol=1e-10)
-
-
-def test_records_are_bounded_and_dropped():
-    """Forwards never recomputed (no_grad in train mode, a teacher) keep at
-    most MAX_RECORDS records; a plain training forward keeps none; records a
-    recompute used go at the next new forward; a no_grad train forward
-    still updates the running statistics like BatchNorm2d."""
-    layer, bn = SyncBatchNorm(3).double(), nn.BatchNorm2d(3).double()
-    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
-    with torch.no_grad():
-        for _ in range(MAX_RECORDS + 3):
-            layer(x), bn(x)
-    assert len(records_of(layer)) == MAX_RECORDS
-    torch.testing.assert_close(layer.running_var, bn.running_var)
-    assert int(layer.num_batches_tracked) == int(bn.num_batches_tracked)
-    layer(x.requires_grad_()).sum().backward()
-    assert len(records_of(layer)) == MAX_RECORDS
-    # A checkpointed step uses its own record among the stale ones.
-    y = checkpoint(layer, x * 2, use_reentrant=True)
-    y.sum().backward()
-    assert sum(r.used for r in records_of(layer)) == 1
-    layer(x)
-    assert not any(r.used for r in records_of(layer))
-    assert int(layer.num_batches_tracked) == MAX_RECORDS + 3 + 2 + 1
 
 
 def _mmengine_cp_world(rank, world_size):

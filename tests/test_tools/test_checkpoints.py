@@ -10,16 +10,23 @@ checkpoints that mmsync's training writes, and those of an mmpretrain run
 import os
 import os.path as osp
 import pathlib
+import socket
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from dist_utils import free_port
+from mmengine.config import Config
 from mmengine.logging import HistoryBuffer
-from test_bad_input import check_one_line_error
+from mmengine.runner.checkpoint import _load_checkpoint
+from test_bad_input import check_one_line_error, dist_train
 from tools_launch import REPO, SYNC_CONFIG, accuracies, base_env, python, run
 
-from mmsync.engine import (CheckpointError, checkpoint_loading,
+from mmsync.engine import (CheckpointError, PreflightError, checkpoint_loading,
                            load_checkpoint_file)
+from mmsync.engine.preflight import check_checkpoints
 
 MMPRETRAIN_CONFIG = osp.join(REPO, 'configs', 'mmpretrain',
                              'resnet18-cifar_mmsyncbn_2xb16-5e_digits-png.py')
@@ -100,6 +107,93 @@ def test_test_py_refuses_crafted_checkpoint(tmp_path, marker):
     check_one_line_error(
         python('test.py', SYNC_CONFIG, path), tmp_path / 'work', 'refused',
         "builtins.getattr(getattr, '__self__')", '--trust-checkpoint')
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """``tmp_path`` served over http on 127.0.0.1 (a free port) by
+    ``python -m http.server``; downloads cached under ``tmp_path``."""
+    port = free_port()
+    server = subprocess.Popen([
+        sys.executable, '-m', 'http.server',
+        str(port), '--bind', '127.0.0.1', '--directory',
+        str(tmp_path)
+    ],
+                              stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(('127.0.0.1', port), 1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, 'http.server not up'
+                time.sleep(0.1)
+        monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+        yield f'http://127.0.0.1:{port}'
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_remote_crafted_checkpoint_is_refused(served, tmp_path, marker):
+    """Review finding 7: ``load_from='http://...'`` ran a crafted pickle's
+    code (mmengine downloads it through torch.hub with weights_only=False)
+    and the pre-flight skipped it. Downloaded to the cache, it is loaded
+    under the same allow-list as a local file, by our loader, mmengine's
+    (what the runner calls for any ``://`` path) and the pre-flight."""
+    write_crafted(tmp_path, 'system.pth', _Reduce(os.system,
+                                                  f'touch {marker}'))
+    url = f'{served}/system.pth'
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(url)
+    message = str(info.value)
+    assert 'asks for the global posix.system' in message
+    assert url in message and '--trust-checkpoint' in message
+    assert len(message.splitlines()) == 1
+    assert not marker.exists()
+    write_crafted(tmp_path, 'other.pth', _Reduce(os.system, f'touch {marker}'))
+    with checkpoint_loading(), pytest.raises(Exception, match='posix'):
+        _load_checkpoint(f'{served}/other.pth', map_location='cpu')
+    assert not marker.exists()
+    cfg = Config(dict(load_from=url, work_dir=str(tmp_path / 'work')))
+    with pytest.raises(PreflightError, match='load_from: checkpoint.*posix'):
+        check_checkpoints(cfg)
+    assert not marker.exists()
+
+
+def test_remote_checkpoint_loads_from_the_cache(served, tmp_path):
+    """A checkpoint of weights over http loads, once downloaded."""
+    torch.save(dict(state_dict=dict(w=torch.arange(3.))), tmp_path / 'w.pth')
+    loaded = load_checkpoint_file(f'{served}/w.pth')
+    assert torch.equal(loaded['state_dict']['w'], torch.arange(3.))
+    cached = tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'w.pth'
+    assert cached.is_file()
+    # What MMSyncRunner.load_checkpoint runs for a URL.
+    with checkpoint_loading():
+        again = _load_checkpoint(f'{served}/w.pth', map_location='cpu')
+    assert torch.equal(again['state_dict']['w'], torch.arange(3.))
+    with pytest.raises(CheckpointError, match='cannot be downloaded'):
+        load_checkpoint_file(f'{served}/missing.pth')
+
+
+def test_train_refuses_remote_crafted_checkpoint(served, tmp_path, marker):
+    """The review's repro: tools/dist_train.sh with
+    ``--cfg-options load_from=http://...`` fails in one line before any
+    process starts, and the code does not run."""
+    write_crafted(tmp_path, 'system.pth', _Reduce(os.system,
+                                                  f'touch {marker}'))
+    work_dir = tmp_path / 'work'
+    check_one_line_error(
+        dist_train(SYNC_CONFIG, '2', '--work-dir', str(work_dir),
+                   '--cfg-options', f'load_from={served}/system.pth'),
+        work_dir,
+        'load_from: checkpoint',
+        'asks for the global posix.system',
+        '--trust-checkpoint',
+        env=base_env(TORCH_HOME=str(tmp_path / 'torch_home')))
+    assert not marker.exists()
 
 
 def test_trust_checkpoint_loads_what_is_refused(runs, tmp_path):

@@ -25,8 +25,17 @@ import tarfile
 import pytest
 from tools_launch import REPO, accuracies, free_port, run
 
-with open(osp.join(REPO, 'requirements', 'torch.txt'), encoding='utf-8') as f:
-    TORCH = [line.strip() for line in f if line.startswith('torch')][0]
+
+def pinned(name: str, requirements: str) -> str:
+    """The line of ``requirements/<requirements>`` that pins ``name``."""
+    with open(
+            osp.join(REPO, 'requirements', requirements),
+            encoding='utf-8') as f:
+        return [line.strip() for line in f if line.startswith(name + '==')][0]
+
+
+TORCH = pinned('torch', 'torch.txt')
+OPENMIM = pinned('openmim', 'ecosystem.txt')
 CONFIG = 'resnet-tiny_mmsyncbn_2xb32-15e_digits.py'
 # What the venvs get besides mmsync and its runtime requirements: the build
 # tools of --no-build-isolation (mim imports pkg_resources: setuptools<82).
@@ -144,10 +153,15 @@ def sdist(tmp_path_factory):
                 tar.add(osp.join(REPO, name), name, recursive=False)
     with tarfile.open(root / 'tree.tar') as tar:
         tar.extractall(src, filter='tar')
-    run([sys.executable, 'setup.py', '-q', 'sdist', '-d',
+    built = subprocess.run(
+        [sys.executable, 'setup.py', '-q', 'sdist', '-d',
          str(root / 'dist')],
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=''))
+        cwd=src,
+        env=dict(os.environ, PYTHONPATH=''),
+        capture_output=True,
+        text=True,
+        timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
     (path, ) = glob.glob(str(root / 'dist' / 'mmsync-*.tar.gz'))
     return root, src, path
 
@@ -236,7 +250,7 @@ def test_wheel_install_runs_mim(installed, tmp_path):
     mmsync`` and ``mim test mmsync`` find the installed package's tools and
     configs."""
     root, _, wheel, _ = installed
-    py = venv(tmp_path / 'venv-wheel', TORCH, *BUILD, 'openmim==0.3.9')
+    py = venv(tmp_path / 'venv-wheel', TORCH, *BUILD, OPENMIM)
     pip(py, 'install', wheel)
     site_package(py, tmp_path)
     work = tmp_path / 'work'

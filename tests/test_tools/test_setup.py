@@ -21,8 +21,9 @@ def test_build_py_has_no_warnings_about_the_sources(tmp_path):
         REPO,
         tree,
         symlinks=True,
-        ignore=shutil.ignore_patterns('build', '.git', 'work_dirs', 'data',
-                                      '*.so', '__pycache__', '*.egg-info'))
+        ignore=shutil.ignore_patterns('build', '.git', '.venv', '.dist_test',
+                                      'work_dirs', 'data', '*.so',
+                                      '__pycache__', '*.egg-info'))
     out = tmp_path / 'out'
     result = subprocess.run(
         [sys.executable, 'setup.py', 'build_py', '-d',
@@ -64,7 +65,10 @@ def test_compiled_objects_are_up_to_date():
     """After tools/setup/setup_env.sh (pip install -e .) or setup.py build_ext
     --inplace, build/temp holds ninja's state: nothing left to rebuild."""
     build = osp.join(REPO, 'build', 'temp')
-    ninja = shutil.which('ninja')
+    # The ninja that built it: the environment's (pip's ninja package), not
+    # another on the PATH, whose log format may differ.
+    ninja = (shutil.which('ninja', path=osp.dirname(sys.executable))
+             or shutil.which('ninja'))
     if ninja is None or not osp.isfile(osp.join(build, 'build.ninja')):
         pytest.skip('no ninja build in build/temp: the extension was built '
                     'another way')

@@ -83,7 +83,8 @@ def test_dist_test_gives_the_metric_of_one_process(runs, tmp_path, nproc):
 
 
 def test_curves_and_logs(runs, tmp_path):
-    """The log has the ETA and the process group; a PNG of the curves is
+    """The log has the ETA, the process group and the batches MMSyncBN
+    skipped for non-finite statistics; a PNG of the curves is
     written after training, and analyze_logs.py draws it again."""
     work_dir = runs.sync_2proc()
     (png, ) = glob.glob(osp.join(work_dir, '*', 'curves.png'))
@@ -94,6 +95,8 @@ def test_curves_and_logs(runs, tmp_path):
         text = f.read()
     assert 'eta: ' in text
     assert 'process group: gloo, 2 ranks' in text
+    # NonFiniteBatchesHook (default_runtime.py): no batch skipped.
+    assert 'nonfinite_batches: 0' in text
     out = tmp_path / 'again.png'
     result = run(
         python('analysis_tools/analyze_logs.py', work_dir, '--out', str(out)),

@@ -195,7 +195,8 @@ def time_step(shape, dtype, layout, args):
 
 
 def _kernel_name(name):
-    """'void mmsync::cuda::k<c10::Half, float, 8>(...)' -> 'k<Half,float,8>'."""
+    """The short name of a kernel:
+    'void mmsync::cuda::k<c10::Half, float, 8>(...)' -> 'k<Half,float,8>'."""
     name = name.split('(')[0].replace('void ', '').replace('c10::', '')
     return name.replace('mmsync::cuda::', '').replace(' ', '')
 

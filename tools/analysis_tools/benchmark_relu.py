@@ -1,9 +1,10 @@
 """Measures what MMSyncBN's fused ReLU saves, side by side in one run.
 
 For each shape, layout and dtype it times forward+backward steps (one
-process, interleaved step by step in a new seeded order, medians) of MMSyncBN(act='relu'),
-MMSyncBN followed by F.relu, and F.batch_norm followed by F.relu, and counts
-the bytes each saves for backward beyond its input. Fusing removes the
+process, interleaved step by step in a new seeded order, medians) of
+MMSyncBN(act='relu'), MMSyncBN followed by F.relu, and F.batch_norm
+followed by F.relu, and counts the bytes each saves for backward beyond its
+input. Fusing removes the
 ReLU's read and write of the output in forward, its read of the output and
 gradient in backward and its saved output (one input-sized tensor).
 

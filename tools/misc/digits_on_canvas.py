@@ -7,8 +7,8 @@ overlap on dark canvases, in two OpenMMLab layouts:
   ``ann_dir/{train,val}/*.png`` (label maps: 0 background, 1 + the digit on
   its stroke pixels), for mmseg's ``BaseSegDataset``;
 - ``OUT/det``: COCO style, ``{train,val}/*.png`` and
-  ``annotations/{train,val}.json`` (one box a digit, category id = digit + 1), for
-  mmdet's ``CocoDataset`` and ``CocoMetric``.
+  ``annotations/{train,val}.json`` (one box a digit, category id =
+  digit + 1), for mmdet's ``CocoDataset`` and ``CocoMetric``.
 
 Train canvases take digits from the shipped train split, val canvases from
 the val split, so the metric is measured on unseen handwriting::

@@ -18,11 +18,11 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ...ops import LazySyncBatchNorm, SyncBatchNorm
-from ...ops.sync_bn import check_act, check_stats_mode
+from ...ops.sync_bn import NONFINITE, check_act, check_stats_mode
 
 
 class BatchNormXd(_BatchNorm):
@@ -42,6 +42,9 @@ class BatchNormXd(_BatchNorm):
             Default: True.
         act (str, optional): ``'relu'`` applies a ReLU to the output.
             Default: None.
+        device (torch.device, optional): Where the parameters and buffers
+            are created. Default: None.
+        dtype (torch.dtype, optional): Their dtype. Default: None.
     """
 
     def __init__(self,
@@ -50,10 +53,18 @@ class BatchNormXd(_BatchNorm):
                  momentum: Optional[float] = 0.1,
                  affine: bool = True,
                  track_running_stats: bool = True,
-                 act: Optional[str] = None):
+                 act: Optional[str] = None,
+                 device=None,
+                 dtype=None):
         check_act(act)
-        super().__init__(num_features, eps, momentum, affine,
-                         track_running_stats)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype)
         self.act = act
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -70,6 +81,46 @@ class BatchNormXd(_BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + (f', act={self.act!r}'
                                        if self.act else '')
+
+
+class LazyBatchNormXd(_LazyNormBase, BatchNormXd):
+    """``BatchNormXd`` whose ``num_features`` is read from the first input:
+    what ``revert_sync_batchnorm`` makes of a lazy MMSyncBN not yet run.
+    Takes ``BatchNormXd``'s arguments but ``num_features``."""
+
+    cls_to_become = BatchNormXd
+
+    def __init__(self,
+                 eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1,
+                 affine: bool = True,
+                 track_running_stats: bool = True,
+                 act: Optional[str] = None,
+                 device=None,
+                 dtype=None):
+        check_act(act)
+        super().__init__(eps, momentum, affine, track_running_stats, device,
+                         dtype)
+        self.act = act
+
+
+def _factory(module: nn.Module) -> dict:
+    """The device and dtype of ``module``'s parameters or running buffers
+    (initialized or not), for a layer replacing it."""
+    for tensor in (module.weight, module.running_mean):
+        if tensor is not None:
+            return dict(device=tensor.device, dtype=tensor.dtype)
+    return {}
+
+
+def _counter_on(layer: SyncBatchNorm, source: nn.Module) -> SyncBatchNorm:
+    """Give ``layer`` its skipped-batch counter on ``source``'s device."""
+    device = _factory(source).get('device')
+    layer.register_buffer(
+        NONFINITE,
+        torch.zeros((), dtype=torch.long, device=device),
+        persistent=False)
+    return layer
 
 
 def _options(module: _BatchNorm) -> tuple:
@@ -103,24 +154,39 @@ _LAZY_HOOKS = (LazyModuleMixin._infer_parameters,
                LazyModuleMixin._lazy_load_hook)
 
 
+def _is_lazy_hook(hook) -> bool:
+    return getattr(hook, '__func__', None) in _LAZY_HOOKS
+
+
 def _move_hooks(source: nn.Module, target: nn.Module) -> nn.Module:
     """Give ``target`` the hooks of ``source`` (which it replaces): the same
-    dicts, with methods bound to ``source`` bound to ``target`` instead; a
-    target with hooks of its own (a lazy layer) gets them added."""
+    dicts, with methods bound to ``source`` bound to ``target`` instead, and
+    whether its backward hooks are full ones. Where either is lazy (its own
+    hooks infer its shape) ``target`` gets its own dicts with ``source``'s
+    other hooks added, and ``source`` keeps its dicts whole."""
     for name in HOOK_DICTS:
         hooks = getattr(source, name, None)
         if not isinstance(hooks, dict):
             continue
-        for key, hook in list(hooks.items()):
-            if getattr(hook, '__func__', None) in _LAZY_HOOKS:
-                del hooks[key]
-            elif getattr(hook, '__self__', None) is source:
-                hooks[key] = types.MethodType(hook.__func__, target)
         own = target.__dict__.get(name)
-        if own:
-            own.update(hooks)
-        else:
-            target.__dict__[name] = hooks
+        if own or any(_is_lazy_hook(h) for h in hooks.values()):
+            own = own if own is not None else type(hooks)()
+            for key, hook in hooks.items():
+                if _is_lazy_hook(hook):
+                    continue
+                if getattr(hook, '__self__', None) is source:
+                    hook = types.MethodType(hook.__func__, target)
+                own[key] = hook
+            target.__dict__[name] = own
+            continue
+        for key, hook in list(hooks.items()):
+            if getattr(hook, '__self__', None) is source:
+                hooks[key] = types.MethodType(hook.__func__, target)
+        target.__dict__[name] = hooks
+    # register_full_backward_hook sets it True, register_backward_hook
+    # False; None (a new layer's) runs neither kind.
+    if getattr(source, '_is_full_backward_hook', None) is not None:
+        target._is_full_backward_hook = source._is_full_backward_hook
     return target
 
 
@@ -129,8 +195,8 @@ def _rebuild(cls: type, source: nn.Module, drop: Tuple[str, ...] = (),
     """An instance of ``cls`` holding ``source``'s state, without __init__.
 
     Parameters, buffers and submodules are shared (their dicts are copied,
-    not their tensors; hook dicts are shared, see ``_move_hooks``); ``drop`` names attributes left out, ``extra`` adds
-    attributes.
+    not their tensors; hook dicts are shared, see ``_move_hooks``);
+    ``drop`` names attributes left out, ``extra`` adds attributes.
     """
     target = cls.__new__(cls)
     state = {
@@ -151,6 +217,7 @@ KNOWN_TAILS: Dict[str, Tuple[str, ...]] = {
     'norm_act.SyncBatchNormAct': ('drop', 'act'),
 }
 PLAIN_SOURCES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+LAZY_SOURCES = (nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
 
 
 def _known_tail(cls: type) -> Optional[Tuple[str, ...]]:
@@ -282,7 +349,7 @@ def _to_sync(module: _BatchNorm, group, stats_mode: str,
                 group_size=group_size))
         if type(module) in PLAIN_SOURCES:
             layer._mmsync_source_cls = type(module)
-        return layer
+        return _counter_on(layer, module)
     # Built like SyncBatchNorm.__init__ would, for the attributes the
     # subclass does not have already (an 'act' submodule stays a module).
     template = SyncBatchNorm(
@@ -292,12 +359,13 @@ def _to_sync(module: _BatchNorm, group, stats_mode: str,
         group_size=group_size)
     added = tuple(
         name for name in ('act', ) + LAYER_ATTRS if not hasattr(module, name))
-    return _rebuild(
-        sync_class_of(type(module)),
-        module,
-        _mmsync_added=added,
-        **{name: getattr(template, name)
-           for name in added})
+    return _counter_on(
+        _rebuild(
+            sync_class_of(type(module)),
+            module,
+            _mmsync_added=added,
+            **{name: getattr(template, name)
+               for name in added}), module)
 
 
 def _lazy_to_sync(module: _BatchNorm, group, stats_mode: str,
@@ -309,16 +377,15 @@ def _lazy_to_sync(module: _BatchNorm, group, stats_mode: str,
                         f'{type(module).__qualname__}, a lazy BatchNorm with '
                         'its own forward or submodules, before its first '
                         'forward')
-    factory = {}
-    if module.weight is not None:
-        factory = dict(device=module.weight.device, dtype=module.weight.dtype)
     layer = LazySyncBatchNorm(
         *_options(module),
         group=group,
         stats_mode=stats_mode,
         group_size=group_size,
-        **factory)
+        **_factory(module))
     layer.training = module.training
+    if type(module) in LAZY_SOURCES:
+        layer._mmsync_source_cls = type(module)
     return layer
 
 
@@ -357,6 +424,16 @@ def convert_sync_batchnorm(module: nn.Module,
         nn.Module: The converted module.
     """
     check_stats_mode(stats_mode)
+    return _convert(module, group, stats_mode, group_size, {})
+
+
+def _convert(module: nn.Module, group, stats_mode: str,
+             group_size: Optional[int], done: Dict[int, nn.Module]):
+    """``convert_sync_batchnorm`` of ``module``; ``done`` maps the modules
+    already converted (by id) to their result, so that a layer held by
+    two parents stays one layer."""
+    if id(module) in done:
+        return done[id(module)]
     module_output = module
     local_of = getattr(type(module), '_mmsync_local_of', None)
     if local_of is not None:
@@ -366,9 +443,10 @@ def convert_sync_batchnorm(module: nn.Module,
         module_output = _to_sync(module, group, stats_mode, group_size)
     if module_output is not module:
         _move_hooks(module, module_output)
+    done[id(module)] = module_output
     for name, child in module.named_children():
         module_output.add_module(
-            name, convert_sync_batchnorm(child, group, stats_mode, group_size))
+            name, _convert(child, group, stats_mode, group_size, done))
     return module_output
 
 
@@ -419,12 +497,36 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     Returns:
         nn.Module: The reverted module.
     """
+    return _revert(module, {})
+
+
+def _lazy_local(module: LazySyncBatchNorm) -> nn.Module:
+    """A lazy MMSyncBN not yet run as the lazy BatchNorm it was converted
+    from, else a lazy ``BatchNormXd``: local at its first forward too."""
+    cls = getattr(module, '_mmsync_source_cls', None) or LazyBatchNormXd
+    layer = cls(*_options(module), **_factory(module))
+    if cls is LazyBatchNormXd:
+        layer.act = module.act
+    layer.training = module.training
+    return layer
+
+
+def _revert(module: nn.Module, done: Dict[int, nn.Module]) -> nn.Module:
+    """``revert_sync_batchnorm`` of ``module``; ``done`` as in
+    ``_convert``."""
+    if id(module) in done:
+        return done[id(module)]
     module_output = module
     cls = type(module)
     source = getattr(cls, '_mmsync_source_cls', None)
-    if source is not None and cls in _sync_classes.values():
+    if (isinstance(module, LazySyncBatchNorm)
+            and module.has_uninitialized_params()):
+        module_output = _lazy_local(module)
+    elif source is not None and cls in _sync_classes.values():
         module_output = _rebuild(
             source, module, drop=SYNC_ATTRS + module._mmsync_added)
+        module_output._buffers.pop(NONFINITE, None)
+        module_output._non_persistent_buffers_set.discard(NONFINITE)
     elif type(module) is SyncBatchNorm or (isinstance(module, nn.SyncBatchNorm)
                                            and _is_plain(module)):
         plain = getattr(module, '_mmsync_source_cls', None)
@@ -441,6 +543,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
         module_output = _rebuild(local_class_of(cls), module)
     if module_output is not module:
         _move_hooks(module, module_output)
+    done[id(module)] = module_output
     for name, child in module.named_children():
-        module_output.add_module(name, revert_sync_batchnorm(child))
+        module_output.add_module(name, _revert(child, done))
     return module_output
