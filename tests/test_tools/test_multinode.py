@@ -161,7 +161,8 @@ def test_two_hosts_train_main_config(nodes, tmp_path):
 @needs_netns
 def test_sync_bn_over_two_hosts_matches_one_process(nodes):
     """MMSyncBN over 4 ranks on 2 hosts (splits 3, 0, 5, 2) equals
-    F.batch_norm over the whole batch in one process."""
+    F.batch_norm over the whole batch in one process, and with
+    group_size='node' over each host's part."""
     hosts = nodes(2)
     for index in range(2):
         hosts.start(
@@ -174,7 +175,7 @@ def test_sync_bn_over_two_hosts_matches_one_process(nodes):
             GLOO_SOCKET_IFNAME='eth0')
     for index in range(2):
         assert hosts.wait(index, 120) == 0, hosts.out(index)[-3000:]
-    assert 'MATCH over 4 ranks on 2 nodes' in hosts.out(0)
+    assert 'MATCH over 4 ranks and per node of 2' in hosts.out(0)
 
 
 def elastic(hosts: Nodes, work_dir, count: int, **options: str) -> None:
