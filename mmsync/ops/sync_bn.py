@@ -419,8 +419,8 @@ class SyncBatchNorm(_BatchNorm):
         if group_size is not None:
             if (isinstance(group_size, bool)
                     or not isinstance(group_size, int) or group_size < 1):
-                raise ValueError('group_size must be None, a positive int '
-                                 f"or 'node', got {group_size!r}")
+                raise ValueError('group_size must be None or a positive int '
+                                 f"(or 'node'), got {group_size!r}")
             if group is not None:
                 raise ValueError('pass either group or group_size to '
                                  'MMSyncBN, not both')
