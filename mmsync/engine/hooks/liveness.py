@@ -114,9 +114,10 @@ class Liveness:
         """Mark this rank finished (its silence is then no loss) and stop."""
         self._stop.set()
         self._threads[1].join()
-        self._threads[0].join(self.interval)
+        # A store call ends within its timeout, unless a link is down.
+        self._threads[0].join(self.timeout)
         if self._threads[0].is_alive():
-            return  # a store call hangs: the peers will not wait for us
+            return  # the peers cannot hear this rank anyway
         try:
             self._connect().add(self.keys[self.rank], DONE)
         except Exception:  # noqa: B902 (the run is over; peers finish too)
