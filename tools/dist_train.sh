@@ -30,6 +30,6 @@ launch_settings dist_train.sh "$2"
 if [ -f "$TOOLS/../mmsync/__init__.py" ]; then
     export PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}"
 fi
-python "$TOOLS/train.py" "$CONFIG" "${@:3}" --dry-run $((NNODES * NPROC)) >/dev/null
+python "$TOOLS/train.py" "$CONFIG" "${@:3}" --dry-run $((NNODES_MAX * NPROC)) >/dev/null
 INTERRUPT_HINT="add --resume to continue from the last checkpoint"
 run_torchrun dist_train.sh "$NPROC" "$TOOLS/train.py" "$CONFIG" --launcher pytorch "${@:3}"

@@ -210,7 +210,11 @@ def check_group_size(cfg: Config, model: nn.Module, world_size: int) -> None:
     }
     sync_bn = cfg.get('sync_bn')
     if isinstance(sync_bn, dict) and sync_bn.get('group_size'):
-        sizes.add(sync_bn['group_size'])
+        size = sync_bn['group_size']
+        # 'node': the launcher's processes per node (a world of one: all).
+        sizes.add(
+            int(os.environ.get('LOCAL_WORLD_SIZE') or world_size) if size ==
+            'node' else size)
     for size in sorted(sizes):
         if world_size % size:
             where = ', '.join(_config_paths(cfg.to_dict(), 'group_size', size))

@@ -50,8 +50,10 @@ from mmengine.runner.checkpoint import _load_checkpoint_to_model
 from ..cnn import convert_sync_batchnorm
 from ..ops import SyncBatchNorm
 from ..registry import RUNNERS
+from ..utils.net import NetError, export_ifname
 from .checkpoint import (ATOMIC_BACKEND, checkpoint_loading,
                          find_resume_checkpoint, load_checkpoint_file)
+from .hooks import LivenessHook, WorldSizeHook
 from .preflight import (PreflightError, check_splits, check_start, launch_env,
                         one_line)
 from .summary import FileOnly, RunSummaryHook
@@ -192,9 +194,11 @@ class MMSyncRunner(Runner):
     ``MMDistributedDataParallel`` with ``device_ids=None``.
 
     Config keys besides the Runner's: ``trust_checkpoint`` (default False:
-    checkpoints load under the weights-only allow-list) and ``preflight``
+    checkpoints load under the weights-only allow-list), ``preflight``
     (default True; False skips the checks of the data splits, which build
-    each data set once more).
+    each data set once more) and ``liveness`` (default ``dict(timeout=60)``:
+    a lost peer ends every rank within 60 s, see
+    :class:`~mmsync.engine.hooks.LivenessHook`; None: off).
     """
 
     @classmethod
@@ -240,6 +244,13 @@ class MMSyncRunner(Runner):
     def setup_env(self, env_cfg: Dict) -> None:
         if self.distributed and not dist.is_initialized():
             os.environ.update(launch_env(self.launcher))
+            if (self.launcher == 'slurm'
+                    and int(os.environ.get('SLURM_NNODES', 1)) > 1):
+                # srun starts train.py itself: no launcher script set these.
+                try:
+                    export_ifname(os.environ['MASTER_ADDR'])
+                except NetError as e:
+                    exit_on(PreflightError(str(e)))
             init_dist_from_env(**env_cfg.get('dist_cfg', {}))
         super().setup_env(env_cfg)
 
@@ -287,10 +298,16 @@ class MMSyncRunner(Runner):
                        custom_hooks: Optional[List] = None) -> None:
         """Register the hooks; a CheckpointHook that writes local files
         with mmengine's default backend writes them atomically; a
-        RunSummaryHook unless the config has one."""
+        RunSummaryHook, a WorldSizeHook and a LivenessHook (``liveness=dict(timeout=60)``,
+        None for none) unless the config has them."""
         super().register_hooks(default_hooks, custom_hooks)
-        if not any(isinstance(hook, RunSummaryHook) for hook in self.hooks):
-            self.register_hook(RunSummaryHook())
+        for hook_type in (RunSummaryHook, WorldSizeHook):
+            if not any(isinstance(hook, hook_type) for hook in self.hooks):
+                self.register_hook(hook_type())
+        liveness = self.cfg.get('liveness', {})
+        if liveness is not None and not any(
+                isinstance(hook, LivenessHook) for hook in self.hooks):
+            self.register_hook(LivenessHook(**liveness))
         for hook in self.hooks:
             if (isinstance(hook, CheckpointHook) and hook.backend_args is None
                     and hook.file_client_args is None

@@ -30,7 +30,7 @@ inside the graph (no graph break). ``MMSYNC_CHECK_SYNC=1`` adds one small
 all_gather before each collective to check that the ranks agree.
 """
 import functools
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,8 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from ..registry import NORM_LAYERS
 from ..utils import load_ext
 from .sync_bn_comm import (STATS_MODES, SyncCheck, check_sync_enabled,
-                           group_stats, group_sum, stats_shift, sync_subgroup)
+                           group_stats, group_sum, resolve_group_size,
+                           stats_shift, sync_subgroup)
 from .sync_bn_recompute import StatsRecord, find_record
 
 # The buffer counting the batches skipped for non-finite statistics.
@@ -369,10 +370,12 @@ class SyncBatchNorm(_BatchNorm):
             ranks hold the same number of samples. Default: 'default'.
         act (str, optional): ``'relu'`` fuses a ReLU into the output and
             its gradient into the backward passes. Default: None.
-        group_size (int, optional): Synchronize within groups of this many
-            consecutive ranks of the world (created once by
+        group_size (int | str, optional): Synchronize within groups of this
+            many consecutive ranks of the world (created once by
             :func:`sync_subgroup`, shared by all layers); it must divide the
-            world size. Excludes ``group``. Default: None (the whole group).
+            world size. ``'node'``: the processes of one node (the
+            launcher's processes per node, equal on every node). Excludes
+            ``group``. Default: None (the whole group).
         check_sync (bool, optional): Before every collective, check that
             all ranks of the group are at the same call of the same layer
             with the same channels, dtype and stats_mode and will run the
@@ -406,17 +409,18 @@ class SyncBatchNorm(_BatchNorm):
                  group=None,
                  stats_mode: str = 'default',
                  act: Optional[str] = None,
-                 group_size: Optional[int] = None,
+                 group_size: Union[int, str, None] = None,
                  check_sync: Optional[bool] = None,
                  device=None,
                  dtype=None):
         check_stats_mode(stats_mode)
         check_act(act)
+        group_size = resolve_group_size(group_size)
         if group_size is not None:
             if (isinstance(group_size, bool)
                     or not isinstance(group_size, int) or group_size < 1):
-                raise ValueError('group_size must be None or a positive int, '
-                                 f'got {group_size!r}')
+                raise ValueError('group_size must be None or a positive int '
+                                 f"(or 'node'), got {group_size!r}")
             if group is not None:
                 raise ValueError('pass either group or group_size to '
                                  'MMSyncBN, not both')

@@ -373,6 +373,43 @@ def check_sync_enabled() -> bool:
 
 
 _subgroups = {}
+NODE = 'node'
+# Processes per node as the launchers export it: torchrun, then Slurm.
+LOCAL_SIZE_VARS = ('LOCAL_WORLD_SIZE', 'SLURM_NTASKS_PER_NODE')
+_node_sizes = {}
+
+
+def resolve_group_size(group_size):
+    """``group_size`` as an int: ``'node'`` is the number of processes of
+    this node (``LOCAL_WORLD_SIZE`` under torchrun, ``SLURM_NTASKS_PER_NODE``
+    under Slurm), checked equal on every node once per default group (one
+    small all_reduce); anything else is returned as it is.
+
+    Raises:
+        ValueError: The launcher exported no count, or the nodes differ.
+    """
+    if group_size != NODE:
+        return group_size
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1  # a world of one
+    world = dist.group.WORLD
+    cached = _node_sizes.get(NODE)
+    if cached is not None and cached[0] is world:
+        return cached[1]
+    name = next((n for n in LOCAL_SIZE_VARS if os.environ.get(n)), None)
+    if name is None or not os.environ[name].isdigit():
+        raise ValueError("MMSyncBN group_size='node' needs the processes per "
+                         f'node in {" or ".join(LOCAL_SIZE_VARS)} (torchrun '
+                         'and srun export them)')
+    size = int(os.environ[name])
+    sizes = torch.tensor([size, -size], dtype=torch.long)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    if sizes[0] != -sizes[1]:
+        raise ValueError("MMSyncBN group_size='node' needs the same number "
+                         f'of processes on every node; they range from '
+                         f'{-int(sizes[1])} to {int(sizes[0])}')
+    _node_sizes[NODE] = (world, size)
+    return size
 
 
 def sync_subgroup(group_size: int):

@@ -3,6 +3,7 @@
 Imported by a config's ``custom_imports``; nothing else uses it.
 """
 import errno
+import time
 
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
@@ -25,3 +26,23 @@ class FullDiskOnRankHook(Hook):
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         if runner.rank == self.rank and runner.iter == self.step:
             raise OSError(errno.ENOSPC, 'No space left on device')
+
+
+@HOOKS.register_module()
+class SlowEvaluationHook(Hook):
+    """Keeps rank 0 busy in Python after each validation for ``seconds``
+    while the other ranks wait in the next collective, as a long rank-0
+    evaluation (mmdet's, mmseg's) does.
+
+    Args:
+        seconds (float): How long rank 0 computes.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def after_val_epoch(self, runner, metrics=None):
+        if runner.rank == 0:
+            end = time.monotonic() + self.seconds
+            while time.monotonic() < end:
+                sum(i * i for i in range(10000))

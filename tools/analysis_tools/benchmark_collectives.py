@@ -75,7 +75,9 @@ LL_BW = {'all_reduce': 0.25, 'all_gather': 1 / 3}
 GPUS_PER_NODE = 8
 NVLINK_GBPS = 360.0
 WORLDS = (8, 64, 512, 4096)
-IMPLEMENTATIONS = ('torch SyncBN', 'mmcv MMSyncBN', 'mmsync before', 'mmsync')
+NODE_GROUP = "mmsync group_size='node'"
+IMPLEMENTATIONS = ('torch SyncBN', 'mmcv MMSyncBN', 'mmsync before', 'mmsync',
+                   NODE_GROUP)
 
 
 def resnet50_channels():
@@ -168,6 +170,9 @@ class NcclModel:
 def step_cost(model, implementation, layer_channels, world):
     """(bytes a rank receives, sequential hops, modeled ms) of the SyncBN
     collectives of one training step (every layer once, each way)."""
+    if implementation == NODE_GROUP:
+        # The nodes' groups run apart: each costs what one node's does.
+        implementation, world = 'mmsync', min(world, GPUS_PER_NODE)
     nbytes = hops = 0
     us = 0.0
     for C in layer_channels:

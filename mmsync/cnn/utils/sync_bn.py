@@ -13,7 +13,7 @@ original class back.
 """
 import copy
 import types
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from ...ops import LazySyncBatchNorm, SyncBatchNorm
 from ...ops.sync_bn import NONFINITE, check_act, check_stats_mode
+from ...ops.sync_bn_comm import resolve_group_size
 
 
 class BatchNormXd(_BatchNorm):
@@ -389,10 +390,11 @@ def _lazy_to_sync(module: _BatchNorm, group, stats_mode: str,
     return layer
 
 
-def convert_sync_batchnorm(module: nn.Module,
-                           group=None,
-                           stats_mode: str = 'N',
-                           group_size: Optional[int] = None) -> nn.Module:
+def convert_sync_batchnorm(
+        module: nn.Module,
+        group=None,
+        stats_mode: str = 'N',
+        group_size: Union[int, str, None] = None) -> nn.Module:
     """Replace every BatchNorm in ``module`` by MMSyncBN.
 
     BatchNorm1d/2d/3d, torch's ``SyncBatchNorm`` and ``BatchNormXd`` become
@@ -416,14 +418,15 @@ def convert_sync_batchnorm(module: nn.Module,
             ``None`` for the default group. Default: None.
         stats_mode (str): 'default' or 'N', see ``SyncBatchNorm``.
             Default: 'N'.
-        group_size (int, optional): Synchronize within groups of this many
-            consecutive ranks instead of ``group``, see ``SyncBatchNorm``.
-            Default: None.
+        group_size (int | str, optional): Synchronize within groups of this
+            many consecutive ranks instead of ``group``, or ``'node'`` for
+            the processes of one node; see ``SyncBatchNorm``. Default: None.
 
     Returns:
         nn.Module: The converted module.
     """
     check_stats_mode(stats_mode)
+    group_size = resolve_group_size(group_size)
     return _convert(module, group, stats_mode, group_size, {})
 
 
