@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Turns the main environment (tools/setup/setup_env.sh) into the one mmseg's and
 # mmdet's users have: mmcv's full build compiled from its sdist with its CPU
-# ops in place of mmcv-lite (requirements/mmcv-full.txt), mmsegmentation and
-# mmdetection (requirements/downstream.txt, --no-deps) and what they import
+# ops in place of mmcv-lite (requirements/mmcv-full.txt), mmsegmentation,
+# mmdetection and mmdetection3d (requirements/downstream.txt, --no-deps) and
+# what they import
 # (requirements/downstream-deps.txt). The tests of tests/test_ecosystem that
 # need them run in this environment. mmcv's C++ build took 7 min 25 s on 2
 # cores (MAX_JOBS, default 2; CFLAGS=-g0 replaces Python's "-O3 -g": no
@@ -32,7 +33,8 @@ if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV'" \
     2>&1 | quiet
 fi
 "$PY" -m pip install -q --no-deps -r requirements/downstream.txt 2>&1 | quiet
-"$PY" -c 'import mmcv, mmcv.ops, mmseg.models, mmdet.models
+"$PY" -c 'import mmcv, mmcv.ops, mmseg.models, mmdet.models, mmdet3d.models
 print("mmcv", mmcv.__version__, "(full build), mmseg", __import__("mmseg").__version__,
-      "mmdet", __import__("mmdet").__version__)'
+      "mmdet", __import__("mmdet").__version__,
+      "mmdet3d", __import__("mmdet3d").__version__)'
 say "done"
