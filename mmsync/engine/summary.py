@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import torch
 from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook, Hook
+from mmengine.runner import IterBasedTrainLoop
 
 from ..registry import HOOKS
 from ..utils.curves import plot_curves
@@ -53,6 +54,13 @@ def device_of(world_size: int) -> str:
 
 
 @HOOKS.register_module()
+def by_epoch(loop) -> bool:
+    """Whether ``loop`` counts its schedule in epochs (mmengine's
+    iteration-based loop has a ``max_epochs`` too, of 1)."""
+    return (hasattr(loop, 'max_epochs')
+            and not isinstance(loop, IterBasedTrainLoop))
+
+
 class RunSummaryHook(Hook):
     """Logs a start line, and a summary line after training.
 
@@ -82,7 +90,7 @@ class RunSummaryHook(Hook):
     def before_train(self, runner) -> None:
         self.start_iter = runner.iter
         loop = runner.train_loop
-        if hasattr(loop, 'max_epochs'):
+        if by_epoch(loop):
             schedule = (f'{loop.max_epochs} epochs of {len(loop.dataloader)} '
                         'iterations')
         else:
@@ -111,8 +119,8 @@ class RunSummaryHook(Hook):
     def after_train(self, runner) -> None:
         if runner.iter == self.start_iter and self.start_iter > 0:
             loop = runner.train_loop
-            end = (f'max_epochs={loop.max_epochs}' if hasattr(
-                loop, 'max_epochs') else f'max_iters={loop.max_iters}')
+            end = (f'max_epochs={loop.max_epochs}'
+                   if by_epoch(loop) else f'max_iters={loop.max_iters}')
             runner.logger.info(
                 f'nothing to train: the run resumed at epoch {runner.epoch}, '
                 f'iteration {runner.iter}, already the end of its schedule '
@@ -151,7 +159,7 @@ class RunSummaryHook(Hook):
         values = [h for h in history if h[0] == key]
         less = 'loss' in key
         best = (min if less else max)(values, key=lambda h: h[3])
-        unit = 'epoch' if hasattr(runner.train_loop, 'max_epochs') else 'iter'
+        unit = 'epoch' if by_epoch(runner.train_loop) else 'iter'
         at = (lambda h: h[1] if unit == 'epoch' else h[2])
         last = values[-1]
         return (f'best {key} {best[3]:.4g} ({unit} {at(best)}), last '
