@@ -40,7 +40,9 @@ def run(tmp_path, train_cfg):
         train_cfg=train_cfg,
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook')),
-        experiment_name=f'summary_{len(glob.glob(str(tmp_path / "*")))}')
+        # Unique: mmengine keys its logger and message hub by this name
+        # (and a second), which two quick runs would otherwise share.
+        experiment_name=f'summary_{tmp_path.name}')
     runner.train()
     (log, ) = glob.glob(osp.join(str(tmp_path), '*', '*.log'))
     lines = open(log).read().splitlines()
