@@ -31,8 +31,8 @@ def corners(rng, box) -> np.ndarray:
     """Four corners (x, y) inside ``box`` (x0, y0, w, h), one a quadrant,
     in the order of ``KEYPOINTS``: a simple polygon whatever they are."""
     x0, y0, w, h = box
-    low, high = rng.uniform(0, 0.35, size=(4, 2)), rng.uniform(
-        0.65, 1, size=(4, 2))
+    low = rng.uniform(0, 0.35, size=(4, 2))
+    high = rng.uniform(0.65, 1, size=(4, 2))
     fx = np.array([low[0, 0], high[1, 0], high[2, 0], low[3, 0]])
     fy = np.array([low[0, 1], low[1, 1], high[2, 1], high[3, 1]])
     return np.stack([x0 + fx * w, y0 + fy * h], axis=1)
@@ -98,12 +98,13 @@ def write_shapes(out_dir: str,
     Returns:
         dict: Images and shapes written per split.
     """
-    for name, value, least in (('num_train', num_train, 1),
-                               ('num_val', num_val, 1),
-                               ('per_image', per_image, 1), ('size', size,
-                                                             32)):
-        if value < least:
-            raise ValueError(f'{name} must be at least {least}, got {value}')
+    least = dict(num_train=1, num_val=1, per_image=1, size=32)
+    given = dict(
+        num_train=num_train, num_val=num_val, per_image=per_image, size=size)
+    for name, value in given.items():
+        if value < least[name]:
+            raise ValueError(
+                f'{name} must be at least {least[name]}, got {value}')
     low, high = size // 4, size // 2
     rng = np.random.default_rng(seed)
     counts = {}
