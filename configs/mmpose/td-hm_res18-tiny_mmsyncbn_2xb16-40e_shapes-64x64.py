@@ -139,7 +139,7 @@ val_dataloader = dict(
 test_dataloader = val_dataloader
 # CocoMetric without ann_file evaluates against the data set's own boxes
 # and keypoints (converted to COCO's json), so only data_root names files.
-val_evaluator = [dict(type='CocoMetric'), dict(type='PCKAccuracy', thr=0.1)]
+val_evaluator = [dict(type='CocoMetric'), dict(type='PCKAccuracy')]
 test_evaluator = val_evaluator
 
 optim_wrapper = dict(optimizer=dict(type='Adam', lr=2e-3))
