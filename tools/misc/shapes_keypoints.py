@@ -2,9 +2,9 @@
 
 Each image holds filled quadrilaterals and triangles on a noisy background;
 their corners are the keypoints. A shape's corners lie one in each quadrant
-of its box, so every keypoint has a name that fixes it (``top_left``,
-``top_right``, ``bottom_right``, ``bottom_left``); a triangle lacks one of
-them (visibility 0). The layout is mmpose's top-down COCO layout::
+of its box (the annotation's tight box), so every keypoint has a name that
+fixes it (``top_left``, ``top_right``, ``bottom_right``, ``bottom_left``); a
+triangle lacks one of them (visibility 0). The layout is mmpose's top-down COCO layout::
 
     OUT/images/{train,val}/*.png
     OUT/annotations/{train,val}.json    (COCO keypoints: one box and four
@@ -29,10 +29,15 @@ SKELETON = [[1, 2], [2, 3], [3, 4], [4, 1]]
 
 def corners(rng, box) -> np.ndarray:
     """Four corners (x, y) inside ``box`` (x0, y0, w, h), one a quadrant,
-    in the order of ``KEYPOINTS``: a simple polygon whatever they are."""
+    in the order of ``KEYPOINTS``: a simple polygon whatever they are.
+
+    Each coordinate lies in the outer 30 % of its side, so that any three
+    of the corners also lie in the quadrants of their own tight box: the
+    box of the annotation names them, for triangles too.
+    """
     x0, y0, w, h = box
-    low = rng.uniform(0, 0.35, size=(4, 2))
-    high = rng.uniform(0.65, 1, size=(4, 2))
+    low = rng.uniform(0, 0.3, size=(4, 2))
+    high = rng.uniform(0.7, 1, size=(4, 2))
     fx = np.array([low[0, 0], high[1, 0], high[2, 0], low[3, 0]])
     fy = np.array([low[0, 1], low[1, 1], high[2, 1], high[3, 1]])
     return np.stack([x0 + fx * w, y0 + fy * h], axis=1)
