@@ -87,7 +87,6 @@ def test_mmpose_topdown_model_learns_keypoints(shapes, tmp_path):
     assert len(aps) == len(pcks) == 1, records[-3:]
     # 8 epochs of 2 x 16 shapes: measured AP 0.797, PCK 0.723 (the config's
     # 40 epochs: AP 0.913, PCK 0.917). The best constant guess (every corner
-    # at its mean place in the box): AP 0.189, PCK 0.088; untrained (after 1
-    # epoch of warm-up): AP near 0.
+    # at its mean place in the box) scores AP 0.189, PCK 0.088.
     assert aps[0] >= 0.5 and pcks[0] >= 0.5, (aps, pcks)
     assert osp.isfile(work_dir / f'epoch_{epochs}.pth')
