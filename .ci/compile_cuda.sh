@@ -10,6 +10,10 @@
 # kernel uses and any register spills (a failure only with STRICT_SPILLS=1);
 # prints the time taken. COMPILE_CUDA_LOG=file keeps ptxas's full report.
 set -euo pipefail
+case "${1:-}" in -h | --help)
+  sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+  exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 
 NVCC=${NVCC:-nvcc}

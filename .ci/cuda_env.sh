@@ -10,6 +10,10 @@
 #
 #   bash .ci/cuda_env.sh [pytest args]     (CUDA_VENV, CUDA_TREE to move them)
 set -euo pipefail
+case "${1:-}" in -h | --help)
+  sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+  exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${CUDA_VENV:-$ROOT/build/venv-cuda}

@@ -79,7 +79,8 @@ def test_compiled_objects_are_up_to_date():
 
 SHELL_TOOLS = sorted(
     osp.relpath(p, REPO)
-    for p in glob.glob(osp.join(REPO, 'tools', '**', '*.sh'), recursive=True)
+    for p in glob.glob(osp.join(REPO, 'tools', '**', '*.sh'), recursive=True) +
+    glob.glob(osp.join(REPO, '.ci', '*.sh'))
     # (sourced by the launchers, not run)
     if not p.endswith(osp.join('misc', 'torchrun.sh')))
 

@@ -5,8 +5,10 @@
 # CUDA sources, the test suite, and (where nvcc exists) the second environment of
 # .ci/cuda_env.sh: torch's CUDA build with mmcv-lite, mmpretrain, timm and
 # torchvision, mmsync built with its CUDA kernels, the suite again there;
-# then the rehearsal of tools/gpu_check/gpu_check.sh. Extra arguments go to
-# pytest. Run it in a virtual environment (setup_env.sh refuses another):
+# then the rehearsal of tools/gpu_check/gpu_check.sh; then, with or without
+# nvcc, the mmpose environment of .ci/mmpose_env.sh and its tests. Extra
+# arguments go to pytest. Run it in a virtual environment (setup_env.sh
+# refuses another):
 #   python3 -m venv .venv && . .venv/bin/activate && bash tools/setup/run_tests.sh
 set -euo pipefail
 case "${1:-}" in -h | --help)
@@ -46,3 +48,7 @@ else
   echo "run_tests: nvcc not found, the CUDA-torch environment and the GPU" \
     "check's rehearsal are skipped"
 fi
+# The mmpose environment (.ci/mmpose_env.sh): torch 2.13.0's CUDA build,
+# torchvision, mmcv's full build (pip's cached wheel from
+# setup_downstream.sh) and mmpose, the checkout's mmsync; no nvcc needed.
+bash .ci/mmpose_env.sh "$@"
