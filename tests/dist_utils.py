@@ -117,3 +117,22 @@ def run_distributed(fn,
         raise AssertionError('\n'.join(f'rank {r} raised:\n{tb}'
                                        for r, tb in sorted(errors.items())))
     return [outputs[r] for r in range(world_size)]
+
+
+def backward_fixed_loss(model, outputs, weights):
+    """Backpropagates the fixed loss ``sum(output * weight)`` through
+    ``model``; returns the outputs, every parameter's gradient and every
+    running statistic, as float64 copies (what the exactness tests of
+    whole models compare with one process)."""
+    loss = sum((o * w.to(o.dtype)).sum() for o, w in zip(outputs, weights))
+    loss.backward()
+    grads = {
+        n: p.grad.detach().to(torch.float64, copy=True)
+        for n, p in model.named_parameters() if p.grad is not None
+    }
+    stats = {
+        n: b.detach().to(torch.float64, copy=True)
+        for n, b in model.named_buffers() if 'running' in n
+    }
+    return [o.detach().to(torch.float64, copy=True)
+            for o in outputs], grads, stats

@@ -26,7 +26,7 @@ pytest.importorskip(
 pytest.importorskip('mmseg.models', reason='needs mmsegmentation')
 pytest.importorskip('mmdet.models', reason='needs mmdet')
 
-from dist_utils import run_distributed  # noqa: E402
+from dist_utils import backward_fixed_loss, run_distributed  # noqa: E402
 
 SPLIT = (1, 3)
 IMAGES = sum(SPLIT)
@@ -179,18 +179,8 @@ def share(tensor: torch.Tensor, rank: int) -> torch.Tensor:
 
 def step(kind, model, images, image_boxes, weights):
     """Outputs, gradients of the fixed loss and the running statistics."""
-    outputs = forward(kind, model, images, image_boxes)
-    loss = sum((o * w).sum() for o, w in zip(outputs, weights))
-    loss.backward()
-    grads = {
-        n: p.grad.detach().clone()
-        for n, p in model.named_parameters() if p.grad is not None
-    }
-    stats = {
-        n: b.detach().clone()
-        for n, b in model.named_buffers() if 'running' in n
-    }
-    return [o.detach() for o in outputs], grads, stats
+    return backward_fixed_loss(model, forward(kind, model, images,
+                                              image_boxes), weights)
 
 
 def synced_step(rank, world_size, kind, state, images, image_boxes, weights):

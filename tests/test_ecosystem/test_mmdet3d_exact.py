@@ -33,7 +33,7 @@ pytest.importorskip(
     reason='needs mmdet3d and what it imports '
     '(tools/setup/setup_downstream.sh)')
 
-from dist_utils import run_distributed  # noqa: E402
+from dist_utils import backward_fixed_loss, run_distributed  # noqa: E402
 
 SPLIT = (2, 2)
 CLOUDS = sum(SPLIT)
@@ -160,18 +160,7 @@ def share(tensor, rank, pillars):
 
 def step(model, inputs, weights):
     """Outputs, gradients of the fixed loss and the running statistics."""
-    outputs = forward(model, *inputs)
-    loss = sum((o * w.to(o.dtype)).sum() for o, w in zip(outputs, weights))
-    loss.backward()
-    grads = {
-        n: p.grad.detach().double()
-        for n, p in model.named_parameters() if p.grad is not None
-    }
-    stats = {
-        n: b.detach().double()
-        for n, b in model.named_buffers() if 'running' in n
-    }
-    return [o.detach().double() for o in outputs], grads, stats
+    return backward_fixed_loss(model, forward(model, *inputs), weights)
 
 
 def ranked_step(rank, world_size, state, voxelized, weights):

@@ -28,7 +28,7 @@ pytest.importorskip(
     'mmpose.models',
     reason='needs mmpose, mmdet and torchvision (.ci/mmpose_env.sh)')
 
-from dist_utils import run_distributed  # noqa: E402
+from dist_utils import backward_fixed_loss, run_distributed  # noqa: E402
 
 SPLIT = (1, 3)
 IMAGES = sum(SPLIT)
@@ -97,18 +97,7 @@ def share(tensor: torch.Tensor, rank: int) -> torch.Tensor:
 
 def step(model, images, weights):
     """Outputs, gradients of the fixed loss and the running statistics."""
-    outputs = forward(model, images)
-    loss = sum((o * w).sum() for o, w in zip(outputs, weights))
-    loss.backward()
-    grads = {
-        n: p.grad.detach().clone()
-        for n, p in model.named_parameters() if p.grad is not None
-    }
-    stats = {
-        n: b.detach().clone()
-        for n, b in model.named_buffers() if 'running' in n
-    }
-    return [o.detach() for o in outputs], grads, stats
+    return backward_fixed_loss(model, forward(model, images), weights)
 
 
 def synced_step(rank, world_size, state, images, weights):
