@@ -152,7 +152,10 @@ def sdist(tmp_path_factory):
             if osp.lexists(osp.join(REPO, name)):
                 tar.add(osp.join(REPO, name), name, recursive=False)
     with tarfile.open(root / 'tree.tar') as tar:
-        tar.extractall(src, filter='tar')
+        # extraction filters came with 3.11.4 (and later patch releases of
+        # 3.8-3.10); Debian's 3.11.2 has none, and 3.14 filters by default.
+        extract = ({'filter': 'tar'} if hasattr(tarfile, 'tar_filter') else {})
+        tar.extractall(src, **extract)
     built = subprocess.run(
         [sys.executable, 'setup.py', '-q', 'sdist', '-d',
          str(root / 'dist')],
