@@ -165,8 +165,9 @@ def test_group_size_not_dividing_the_world_fails_in_one_line_each(
         'the world size 2 (MMSyncBN synchronizes groups of group_size '
         'consecutive ranks): use one of [1, 2], or a multiple of 3 processes'
     ] * 2, result.stderr[-3000:]
-    # torchrun's own summary, no traceback of the workers.
-    assert 'mmsync' not in result.stderr.replace(CONFIG, '')
+    # torchrun's own summary, no traceback of the workers (the check must
+    # not depend on where the checkout lies: its path may say mmsync).
+    assert 'Traceback (most recent call last)' not in result.stderr
     assert not osp.exists(tmp_path / 'work')
 
 
