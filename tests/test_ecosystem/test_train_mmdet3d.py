@@ -19,7 +19,7 @@ from test_train_mmseg_mmdet import train
 
 sys.path.insert(
     0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'test_tools'))
-from tools_launch import REPO, finish, start  # noqa: E402
+from tools_launch import REPO, python, run  # noqa: E402
 
 CONFIG = osp.join(REPO, 'configs', 'mmdet3d',
                   'pointpillars-tiny_mmsyncbn_2xb4-600i_point-scenes.py')
@@ -35,12 +35,7 @@ def scenes(tmp_path_factory):
         reason="needs mmcv's full build and mmdet3d "
         '(tools/setup/setup_downstream.sh)')
     out = str(tmp_path_factory.mktemp('point_scenes'))
-    made = finish(
-        start([
-            sys.executable,
-            osp.join(REPO, 'tools', 'misc', 'point_cloud_scenes.py'), out
-        ]), 300)
-    assert made.returncode == 0, made.stderr
+    run(python('misc/point_cloud_scenes.py', out))
     return out + '/'
 
 

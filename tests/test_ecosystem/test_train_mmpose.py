@@ -31,7 +31,8 @@ pytest.importorskip(
 sys.path.insert(
     0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'test_tools'))
 from tools_launch import free_port  # noqa: E402
-from tools_launch import REPO, TOOLS, base_env, finish, scalars, start
+from tools_launch import (REPO, TOOLS, base_env, finish, python, run, scalars,
+                          start)
 
 CONFIG = osp.join(REPO, 'configs', 'mmpose',
                   'td-hm_res18-tiny_mmsyncbn_2xb16-40e_shapes-64x64.py')
@@ -41,12 +42,7 @@ CONFIG = osp.join(REPO, 'configs', 'mmpose',
 def shapes(tmp_path_factory):
     """The data set of tools/misc/shapes_keypoints.py, written once."""
     out = str(tmp_path_factory.mktemp('shapes_keypoints'))
-    made = finish(
-        start([
-            sys.executable,
-            osp.join(REPO, 'tools', 'misc', 'shapes_keypoints.py'), out
-        ]), 300)
-    assert made.returncode == 0, made.stderr
+    run(python('misc/shapes_keypoints.py', out))
     return out + '/'
 
 
@@ -73,9 +69,9 @@ def test_mmpose_topdown_model_learns_keypoints(shapes, tmp_path):
         str(work_dir), '--cfg-options', *options
     ]
     env = base_env(CUDA_VISIBLE_DEVICES='', MKL_NUM_THREADS='1')
-    run = finish(start(cmd, env), 900)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-4000:]
+    result = finish(start(cmd, env), 900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
     assert 'process group: gloo, 2 ranks' in output, output[-4000:]
     # ResNet-18's 20 and HeatmapHead's 3.
     layers = re.findall(r'batch norm layers: (\d+) of (\d+) are mmsync',

@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(
     0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'test_tools'))
 from tools_launch import free_port  # noqa: E402
-from tools_launch import REPO, base_env, finish, scalars, start
+from tools_launch import REPO, base_env, finish, python, run, scalars, start
 
 SEG_CONFIG = osp.join(REPO, 'configs', 'mmseg',
                       'fcn-r18-tiny_mmsyncbn_2xb8-1k_digits-canvas.py')
@@ -34,12 +34,7 @@ DET_CONFIG = osp.join(REPO, 'configs', 'mmdet',
 def canvas(tmp_path_factory):
     """The data sets of tools/misc/digits_on_canvas.py, written once."""
     out = str(tmp_path_factory.mktemp('digits_canvas'))
-    made = finish(
-        start([
-            sys.executable,
-            osp.join(REPO, 'tools', 'misc', 'digits_on_canvas.py'), out
-        ]), 300)
-    assert made.returncode == 0, made.stderr
+    run(python('misc/digits_on_canvas.py', out))
     return out
 
 
@@ -67,9 +62,9 @@ def train(package: str, config: str, work_dir, data_root: str, iters: int,
         'randomness.seed=0', *options
     ]
     env = base_env(CUDA_VISIBLE_DEVICES='', MKL_NUM_THREADS='1')
-    run = finish(start(cmd, env), 900)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-4000:]
+    result = finish(start(cmd, env), 900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
     assert 'process group: gloo, 2 ranks' in output, output[-4000:]
     layers = re.findall(r'batch norm layers: (\d+) of (\d+) are mmsync',
                         output)
